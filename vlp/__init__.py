@@ -1,0 +1,6 @@
+"""vlp: vision-language pretraining in the ALBEF/BLIP family."""
+
+from vlp.model import ModelConfig, VLPModel
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "VLPModel", "__version__"]

@@ -1,0 +1,230 @@
+"""The ALBEF/BLIP-style model: two towers, a fusion encoder, ITC with momentum and queue, ITM with hard negatives."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from vlp.dist import all_gather_nograd, all_gather_with_grad, rank_offset
+from vlp.losses import contrastive_loss, itc_loss, itm_loss, positive_targets, sample_hard_negatives
+from vlp.model.config import ModelConfig
+from vlp.model.encoders import ImageEncoder, TextEncoder
+from vlp.model.fusion import FusionEncoder, KeyValue
+from vlp.model.queue import FeatureQueue
+from vlp.model.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("text_encoder", "text_encoder_m"))
+MOMENTUM_PAIRS += (("vision_proj", "vision_proj_m"), ("text_proj", "text_proj_m"))
+
+
+class VLPModel(nn.Module):
+    """Image tower + text tower + fusion encoder, trained with ITC and ITM.
+
+    ``forward(batch)`` returns the losses and training metrics. For users' own code: ``encode_image``,
+    ``encode_text``, ``itm_logits`` and ``itm_score``; ``vlp.export`` saves and ``from_pretrained`` loads.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, load_weights: bool = True):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tokenizer = tokenizer or load_tokenizer(cfg.text_encoder.tokenizer or cfg.text_encoder.name)
+
+        # Towers, then the fusion encoder, optionally started from the text tower's top layers (ALBEF).
+        self.visual_encoder = ImageEncoder(cfg.image_encoder, load_weights=load_weights)
+        self.text_encoder = TextEncoder(cfg.text_encoder, vocab_size=len(self.tokenizer), load_weights=load_weights)
+        top_layers = self.text_encoder.pop_top_layers()
+        if cfg.itm:
+            self.fusion = self._build_fusion(top_layers)
+            self.itm_head = nn.Linear(self.text_encoder.width, 2)
+
+        # Shared embedding space and the learnable temperature.
+        self.vision_proj = nn.Linear(self.visual_encoder.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(self.text_encoder.width, cfg.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(cfg.temperature))
+
+        # Momentum copies (never trained by the optimizer) and the queue of their features.
+        if cfg.momentum:
+            for online, momentum in MOMENTUM_PAIRS:
+                setattr(self, momentum, copy.deepcopy(getattr(self, online)).requires_grad_(False))
+        self.queue = FeatureQueue(cfg.queue_size, cfg.embed_dim) if cfg.queue_size > 0 else None
+        self._pending: list[tuple[torch.Tensor, ...]] = []
+
+    def _build_fusion(self, top_layers: list[nn.Module]) -> FusionEncoder:
+        fusion_cfg = self.cfg.fusion
+        fusion = FusionEncoder(
+            dim=self.text_encoder.width,
+            image_dim=self.visual_encoder.width,
+            num_layers=fusion_cfg.num_layers,
+            num_heads=fusion_cfg.num_heads or self.text_encoder.num_heads,
+            mlp_ratio=fusion_cfg.mlp_ratio or self.text_encoder.mlp_ratio,
+            dropout=fusion_cfg.dropout,
+        )
+        if fusion_cfg.init_from_text and top_layers:
+            count = fusion.init_from_text_layers(top_layers)
+            log.info(
+                "fusion: %d of %d blocks initialised from the text encoder's top layers", count, len(fusion.blocks)
+            )
+        return fusion
+
+    # ----- encoders -------------------------------------------------------------------------------------------
+
+    def temperature(self) -> torch.Tensor:
+        """The learnable temperature, clamped in place on every call (every forward of every mode)."""
+        with torch.no_grad():
+            self.temp.clamp_(self.cfg.temperature_min, self.cfg.temperature_max)
+        return self.temp
+
+    def encode_image(self, image: torch.Tensor, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens ``image_embeds`` (B, N, C) and the L2-normalised ``image_feat`` (B, E)."""
+        encoder, proj = (
+            (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder, self.vision_proj)
+        )
+        image_embeds, pooled = encoder(image)
+        return image_embeds, F.normalize(proj(pooled), dim=-1)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, momentum: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens ``text_embeds`` (B, L, D) and the L2-normalised ``text_feat`` (B, E)."""
+        encoder, proj = (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
+        text_embeds, pooled = encoder(input_ids, attention_mask)
+        return text_embeds, F.normalize(proj(pooled), dim=-1)
+
+    def itm_logits(
+        self,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        image_kv: list[KeyValue] | None = None,
+    ) -> torch.Tensor:
+        """Match logits (B, 2) from the fused first token; pass image tokens or their cached keys and values."""
+        fused = self.fusion(text_embeds, text_mask, image_embeds=image_embeds, image_kv=image_kv)  # (B, L, D)
+        return self.itm_head(fused[:, 0])
+
+    @torch.no_grad()
+    def itm_score(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Probability (B,) that each image matches the caption at the same position."""
+        image_embeds, _ = self.encode_image(image)
+        text_embeds, _ = self.encode_text(input_ids, attention_mask)
+        logits = self.itm_logits(text_embeds, attention_mask, image_embeds=image_embeds)
+        return logits.float().softmax(dim=-1)[:, 1]
+
+    # ----- training -------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
+        """Losses and metrics for a batch with ``image``, ``input_ids``, ``attention_mask`` and ``image_id``."""
+        alpha = self.cfg.alpha if alpha is None else alpha
+        temperature = self.temperature()
+        image_ids = batch["image_id"]
+        image_embeds, image_feat = self.encode_image(batch["image"])
+        text_embeds, text_feat = self.encode_text(batch["input_ids"], batch["attention_mask"])
+
+        out = {"temperature": temperature.detach()}
+        if self.cfg.momentum:
+            out["itc_loss"] = self._itc_momentum(batch, image_feat, text_feat, image_ids, temperature, alpha)
+        else:
+            out["itc_loss"] = itc_loss(image_feat, text_feat, temperature, image_ids)
+        loss = out["itc_loss"]
+        if self.cfg.itm:
+            itm_inputs = (image_embeds, text_embeds, batch["attention_mask"], image_feat, text_feat, image_ids)
+            out.update(self._itm(*itm_inputs, temperature))
+            loss = loss + out["itm_loss"]
+        out["loss"] = loss
+        return out
+
+    def _itc_momentum(self, batch, image_feat, text_feat, image_ids, temperature, alpha) -> torch.Tensor:
+        # Keys are momentum features of the world batch followed by the queue; no gradient flows into keys.
+        with torch.no_grad():
+            _, image_feat_m = self.encode_image(batch["image"], momentum=True)
+            _, text_feat_m = self.encode_text(batch["input_ids"], batch["attention_mask"], momentum=True)
+            all_image_feat_m, all_text_feat_m = all_gather_nograd(image_feat_m), all_gather_nograd(text_feat_m)
+            all_ids = all_gather_nograd(image_ids)
+            if self.training:
+                self._pending.append((all_image_feat_m, all_text_feat_m, all_ids))
+            image_keys, text_keys, key_ids = self._with_queue(all_image_feat_m, all_text_feat_m, all_ids)
+
+            # Targets: every key with the same image id, softened by the momentum model's own similarities.
+            targets = positive_targets(image_ids, key_ids)  # (B, K)
+            targets_i2t = targets_t2i = targets
+            if self.cfg.distill and alpha > 0:
+                sim_i2t_m = image_feat_m.float() @ text_keys.float().t() / temperature  # (B, K)
+                sim_t2i_m = text_feat_m.float() @ image_keys.float().t() / temperature  # (B, K)
+                targets_i2t = alpha * sim_i2t_m.softmax(dim=1) + (1 - alpha) * targets
+                targets_t2i = alpha * sim_t2i_m.softmax(dim=1) + (1 - alpha) * targets
+
+        loss_i2t = contrastive_loss(image_feat, text_keys, temperature, targets_i2t)
+        loss_t2i = contrastive_loss(text_feat, image_keys, temperature, targets_t2i)
+        return (loss_i2t + loss_t2i) / 2
+
+    def _with_queue(self, image_feat_m, text_feat_m, image_ids):
+        if self.queue is None:
+            return image_feat_m, text_feat_m, image_ids
+        image_q, text_q, ids_q = self.queue.keys()
+        return torch.cat([image_feat_m, image_q]), torch.cat([text_feat_m, text_q]), torch.cat([image_ids, ids_q])
+
+    def _itm_candidates(self, image_embeds, text_embeds, text_mask, image_feat, text_feat, image_ids):
+        """Pairs that negatives are drawn from: this rank's batch, or the world batch with gradient."""
+        if self.cfg.itm_negatives == "local":
+            return image_embeds, text_embeds, text_mask, image_feat, text_feat, image_ids, 0
+        # Captions are padded to the configured length so that every rank's tokens have the same shape.
+        pad = self.cfg.text_encoder.max_length - text_embeds.shape[1]
+        text_embeds, text_mask = F.pad(text_embeds, (0, 0, 0, pad)), F.pad(text_mask, (0, pad))  # (B, L_max, D)
+        offset = rank_offset(image_embeds.shape[0], image_embeds.device)
+        return (
+            all_gather_with_grad(image_embeds),  # (N*B, N_img, C)
+            all_gather_with_grad(text_embeds),  # (N*B, L_max, D)
+            all_gather_nograd(text_mask),
+            all_gather_nograd(image_feat),
+            all_gather_nograd(text_feat),
+            all_gather_nograd(image_ids),
+            offset,
+        )
+
+    def _itm(self, image_embeds, text_embeds, text_mask, image_feat, text_feat, image_ids, temperature):
+        batch_size = image_embeds.shape[0]
+        cand = self._itm_candidates(image_embeds, text_embeds, text_mask, image_feat, text_feat, image_ids)
+        cand_image_embeds, cand_text_embeds, cand_text_mask, cand_image_feat, cand_text_feat, cand_ids, offset = cand
+
+        # Hard negatives drawn from the ITC similarities; this rank keeps the draws for its own rows.
+        with torch.no_grad():
+            sim_i2t = cand_image_feat.float() @ cand_text_feat.float().t() / temperature  # (B_cand, B_cand)
+            neg_text, neg_image = sample_hard_negatives(sim_i2t, cand_ids)
+            neg_text, neg_image = neg_text[offset : offset + batch_size], neg_image[offset : offset + batch_size]
+        has_neg_text, has_neg_image = neg_text >= 0, neg_image >= 0
+
+        # One fusion pass over B positives, then (image, hard text) and (hard image, text) negatives.
+        text_mask_local = cand_text_mask[offset : offset + batch_size]
+        text_local = cand_text_embeds[offset : offset + batch_size]
+        images = torch.cat([image_embeds, image_embeds[has_neg_text], cand_image_embeds[neg_image[has_neg_image]]])
+        texts = torch.cat([text_local, cand_text_embeds[neg_text[has_neg_text]], text_local[has_neg_image]])
+        masks = torch.cat([text_mask_local, cand_text_mask[neg_text[has_neg_text]], text_mask_local[has_neg_image]])
+        logits = self.itm_logits(texts, masks, image_embeds=images)  # (B + negatives, 2)
+
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        labels[:batch_size] = 1
+        invalid_rows = (~has_neg_text).sum() + (~has_neg_image).sum()
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return {"itm_loss": itm_loss(logits, labels), "itm_acc": accuracy, "itm_invalid_rows": invalid_rows}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Once per optimizer step (not per micro-batch): EMA of the momentum copies, then enqueue their features."""
+        if self.cfg.momentum:
+            decay = self.cfg.momentum_decay
+            for online, momentum in MOMENTUM_PAIRS:
+                params = list(getattr(self, online).parameters())
+                params_m = list(getattr(self, momentum).parameters())
+                torch._foreach_mul_(params_m, decay)
+                torch._foreach_add_(params_m, params, alpha=1 - decay)
+        if self.queue is not None:
+            for pending in self._pending:
+                self.queue.enqueue(*pending)
+        self._pending.clear()
