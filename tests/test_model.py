@@ -1,0 +1,145 @@
+"""The full model at tiny sizes: forward/backward, temperature clamp, degenerate batches, momentum and queue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model_config
+
+from vlp.model import ImageEncoderConfig, VLPModel
+from vlp.model.queue import FeatureQueue
+
+CAPTIONS = ["a small red circle left of a blue square", "two green stars", "a big dog", "one yellow ring"]
+
+
+def make_batch(model, ids=(0, 1, 2, 3), size=32):
+    gen = torch.Generator().manual_seed(0)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(len(ids))]
+    tokens = model.tokenizer(captions, padding=True, return_tensors="pt")
+    return dict(
+        image=torch.randn(len(ids), 3, size, size, generator=gen),
+        input_ids=tokens.input_ids,
+        attention_mask=tokens.attention_mask,
+        image_id=torch.tensor(ids),
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return VLPModel(tiny_model_config())
+
+
+def test_forward_backward_reaches_every_trainable_parameter(model):
+    model.train()
+    out = model(make_batch(model))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["itm_invalid_rows"] == 0
+    assert out["loss"].item() == pytest.approx((out["itc_loss"] + out["itm_loss"]).item())
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert missing == []
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.split(".")[0].endswith("_m"))
+    model.zero_grad()
+    model._pending.clear()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("value, clamped", [(5.0, 0.5), (1e-6, 0.001)])
+def test_temperature_is_clamped_in_every_mode(model, mode, value, clamped):
+    getattr(model, mode)()
+    model.temp.data.fill_(value)
+    with torch.no_grad():
+        out = model(make_batch(model))
+    assert out["temperature"].item() == pytest.approx(clamped)
+    assert model.temp.item() == pytest.approx(clamped)
+    model.temp.data.fill_(0.07)
+    model._pending.clear()
+
+
+@pytest.mark.parametrize("ids", [(5,), (3, 3, 3, 3)])
+def test_batches_without_negatives_are_finite_and_counted(model, ids):
+    model.train()
+    out = model(make_batch(model, ids))
+    out["loss"].backward()
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert out["itm_invalid_rows"].item() == 2 * len(ids)
+    model.zero_grad()
+    model._pending.clear()
+
+
+def test_fusion_starts_from_the_text_encoders_top_layers():
+    torch.manual_seed(0)
+    reference = VLPModel(tiny_model_config(itm=True))
+    layers = reference.text_encoder.model.encoder.layer
+    assert len(layers) == 2  # 3 BERT layers: 2 kept for text, the top one moved into fusion block 0
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    config.text_encoder.num_layers = None
+    full = VLPModel(config)
+    top = full.text_encoder.model.encoder.layer[2]
+    assert torch.equal(reference.fusion.blocks[0].self_attn.query.weight, top.attention.self.query.weight)
+    assert torch.equal(reference.fusion.blocks[0].mlp[2].weight, top.output.dense.weight)
+
+
+def test_cnn_feature_maps_become_tokens():
+    torch.manual_seed(0)
+    model = VLPModel(tiny_model_config(image_encoder=ImageEncoderConfig(name="resnet18", image_size=64)))
+    image_embeds, image_feat = model.encode_image(torch.randn(2, 3, 64, 64))
+    assert image_embeds.shape == (2, 4, 512)  # a 2x2 map of 512 channels
+    assert torch.allclose(image_feat.norm(dim=-1), torch.ones(2))
+    out = model(make_batch(model, (0, 1), size=64))
+    assert torch.isfinite(out["loss"])
+
+
+def test_patch_size_must_divide_image_size():
+    config = tiny_model_config()
+    config.image_encoder.image_size = 30
+    with pytest.raises(ValueError, match="model.image_encoder.image_size=30"):
+        VLPModel(config)
+
+
+def test_queue_without_momentum_is_rejected():
+    with pytest.raises(ValueError, match="model.queue_size"):
+        VLPModel(tiny_model_config(momentum=False, distill=False))
+
+
+def test_accumulated_micro_batches_update_momentum_and_queue_once(model):
+    model.train()
+    before_m = model.vision_proj_m.weight.clone()
+    online = model.vision_proj.weight.clone()
+    count = int(model.queue.count)
+    for ids in [(0, 1), (2, 3, 4)]:
+        model(make_batch(model, ids))["loss"].backward()
+    assert int(model.queue.count) == count  # nothing enqueued between micro-batches
+    model.after_optimizer_step()
+    decay = model.cfg.momentum_decay
+    assert torch.allclose(model.vision_proj_m.weight, decay * before_m + (1 - decay) * online, atol=1e-7)
+    assert int(model.queue.count) == count + 5
+    model.zero_grad()
+
+
+def test_queue_wraps_around_for_any_batch_size():
+    queue = FeatureQueue(size=5, dim=2)
+    rows = torch.arange(22.0).view(11, 2)  # (11, 2): row i holds [2i, 2i + 1]
+    ids = torch.arange(11)
+    queue.enqueue(rows[:3], -rows[:3], ids[:3])
+    assert int(queue.count) == 3 and torch.equal(queue.keys()[2], ids[:3])
+    queue.enqueue(rows[3:7], -rows[3:7], ids[3:7])  # wraps: slots 3, 4, 0, 1
+    assert torch.equal(queue.id_queue, torch.tensor([5, 6, 2, 3, 4])) and int(queue.ptr) == 2
+    queue.enqueue(rows[7:], -rows[7:], ids[7:])  # 4 rows from slot 2: 2, 3, 4, 0
+    assert torch.equal(queue.id_queue, torch.tensor([10, 6, 7, 8, 9]))
+    assert torch.equal(queue.text_queue[0], -rows[10]) and int(queue.count) == 5
+
+
+def test_queue_resumes_from_a_checkpoint_under_another_batch_size():
+    # Two ranks of 3 rows enqueue the same 6 gathered rows as one process would; a resumed queue continues
+    # from its saved pointer whatever the new world size or batch size.
+    first, resumed = FeatureQueue(8, 2), FeatureQueue(8, 2)
+    rows = torch.randn(13, 2)
+    first.enqueue(rows[:6], rows[:6], torch.arange(6))
+    resumed.load_state_dict(first.state_dict())
+    first.enqueue(rows[6:13], rows[6:13], torch.arange(6, 13))
+    for start in range(6, 13, 2):  # a new batch size of 2 with a short last batch of 1
+        resumed.enqueue(rows[start : start + 2], rows[start : start + 2], torch.arange(start, min(start + 2, 13)))
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
