@@ -228,3 +228,18 @@ class VLPModel(nn.Module):
             for pending in self._pending:
                 self.queue.enqueue(*pending)
         self._pending.clear()
+
+    # ----- export ---------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir) -> None:
+        """Write a self-contained directory (safetensors weights, config, tokenizer); see :func:`vlp.export`."""
+        from vlp.checkpoint import export_model
+
+        export_model(self, out_dir)
+
+    @classmethod
+    def from_pretrained(cls, export_dir) -> VLPModel:
+        """Load a directory written by :meth:`save_pretrained`, with no training state, in eval mode."""
+        from vlp.checkpoint import load_exported
+
+        return load_exported(export_dir)
