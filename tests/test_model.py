@@ -143,3 +143,39 @@ def test_queue_resumes_from_a_checkpoint_under_another_batch_size():
         resumed.enqueue(rows[start : start + 2], rows[start : start + 2], torch.arange(start, min(start + 2, 13)))
     for key, value in first.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_frozen_towers_stay_in_eval_mode_and_their_cached_outputs_are_exact():
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    config.image_encoder.freeze = config.text_encoder.freeze = True
+    config.image_encoder.cache_outputs = config.text_encoder.cache_outputs = True
+    cached = VLPModel(config).train()
+    assert not cached.visual_encoder.training and not cached.text_encoder.training and cached.fusion.training
+    plain = VLPModel(tiny_model_config()).eval()
+    plain.load_state_dict(cached.state_dict())
+
+    # Two batches sharing captions and images but padded to different lengths.
+    first, second = make_batch(cached, (0, 1, 2, 3)), make_batch(cached, (0, 1))
+    for batch in (first, second, first):
+        for a, b in zip(cached.encode_image(batch["image"]), plain.encode_image(batch["image"])):
+            assert torch.allclose(a, b, atol=1e-6)
+        args = (batch["input_ids"], batch["attention_mask"])
+        (tokens_a, feat_a), (tokens_b, feat_b) = cached.encode_text(*args), plain.encode_text(*args)
+        mask = batch["attention_mask"].bool()
+        assert torch.allclose(tokens_a[mask], tokens_b[mask], atol=1e-5) and torch.allclose(feat_a, feat_b, atol=1e-6)
+    assert cached.visual_encoder.cache.misses == 4 and cached.visual_encoder.cache.hits == 6
+    assert cached.text_encoder.cache.misses == 4
+
+    # The momentum path of a frozen tower reuses the online tower: no new misses, and the loss is finite.
+    out = cached(first)
+    out["loss"].backward()
+    assert cached.visual_encoder.cache.misses == 4 and torch.isfinite(out["loss"])
+    assert all(p.grad is None for p in cached.visual_encoder.parameters())
+
+
+def test_cache_without_freeze_is_rejected():
+    config = tiny_model_config()
+    config.text_encoder.cache_outputs = True
+    with pytest.raises(ValueError, match="model.text_encoder.cache_outputs=true needs model.text_encoder.freeze"):
+        VLPModel(config)

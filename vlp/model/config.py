@@ -16,6 +16,7 @@ class ImageEncoderConfig:
     freeze: bool = False
     freeze_layers: int = 0  # freeze the stem and this many lower block groups
     grad_checkpointing: bool = False
+    cache_outputs: bool = False  # memoise a frozen tower's outputs (needs freeze=true, no random augmentation)
 
 
 @dataclass
@@ -29,6 +30,7 @@ class TextEncoderConfig:
     freeze: bool = False
     freeze_layers: int = 0
     grad_checkpointing: bool = False
+    cache_outputs: bool = False  # memoise a frozen tower's outputs per caption (needs freeze=true)
 
 
 @dataclass
@@ -74,6 +76,14 @@ class ModelConfig:
             (self.fusion.num_layers >= 1 or not self.itm, "model.fusion.num_layers must be >= 1 when model.itm=true"),
             (self.text_encoder.pooling in ("cls", "mean"), "model.text_encoder.pooling must be 'cls' or 'mean'"),
             (self.image_encoder.image_size > 0, "model.image_encoder.image_size must be positive"),
+            (
+                self.image_encoder.freeze or not self.image_encoder.cache_outputs,
+                "model.image_encoder.cache_outputs=true needs model.image_encoder.freeze=true",
+            ),
+            (
+                self.text_encoder.freeze or not self.text_encoder.cache_outputs,
+                "model.text_encoder.cache_outputs=true needs model.text_encoder.freeze=true",
+            ),
         ]
         for ok, message in checks:
             if not ok:

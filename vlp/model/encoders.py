@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModel, BertConfig
 
+from vlp.model.cache import TowerCache, digest
 from vlp.model.config import ImageEncoderConfig, TextEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,28 @@ def _freeze_lower(groups: list[list[nn.Parameter]], num_groups: int) -> None:
             param.requires_grad_(False)
 
 
-class ImageEncoder(nn.Module):
+class Tower(nn.Module):
+    """What both towers share: a fully frozen tower stays in eval mode, runs without autograd and may memoise."""
+
+    def _setup_frozen(self, freeze: bool, cache_outputs: bool) -> None:
+        self.frozen = freeze
+        self.cache = TowerCache() if cache_outputs else None
+
+    def train(self, mode: bool = True) -> Tower:
+        # Dropout and batch-norm statistics must not move in a frozen tower, or it is not frozen.
+        return super().train(mode and not self.frozen)
+
+    def _run(self, keys_from, compute, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.frozen:
+            return compute(*inputs)
+        with torch.no_grad():
+            if self.cache is None:
+                return compute(*inputs)
+            keys = keys_from(*inputs)
+            return self.cache(keys, lambda rows: compute(*(x[rows] for x in inputs)), inputs[0].device)
+
+
+class ImageEncoder(Tower):
     """A timm model returning its token sequence (B, N, C) and its pooled embedding (B, C).
 
     CNN feature maps (B, C, H, W) are flattened to H*W tokens so that the fusion encoder sees one layout.
@@ -36,6 +58,7 @@ class ImageEncoder(nn.Module):
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self._apply_freeze(cfg)
+        self._setup_frozen(cfg.freeze, cfg.cache_outputs)
 
     @staticmethod
     def _create(cfg: ImageEncoderConfig, load_weights: bool) -> nn.Module:
@@ -70,6 +93,10 @@ class ImageEncoder(nn.Module):
         _freeze_lower(groups, len(groups) if cfg.freeze else cfg.freeze_layers)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens (B, N, C) and the pooled embedding (B, C)."""
+        return self._run(lambda x: [digest(row) for row in x], self._forward, image)
+
+    def _forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.forward_features(image)
         pooled = self.model.forward_head(features, pre_logits=True)  # (B, C)
         if features.dim() == 4:
@@ -90,7 +117,7 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Tower):
     """A Hugging Face encoder (``AutoModel``) by hub name or local directory, or a random BERT from a config.
 
     With ``num_layers`` set, only the lower layers are kept; the removed top layers are returned by
@@ -109,6 +136,7 @@ class TextEncoder(nn.Module):
         if cfg.grad_checkpointing:
             self.model.gradient_checkpointing_enable()
         _freeze_lower(self.block_groups(), len(self.block_groups()) if cfg.freeze else cfg.freeze_layers)
+        self._setup_frozen(cfg.freeze, cfg.cache_outputs)
 
     @staticmethod
     def _create(cfg: TextEncoderConfig, vocab_size: int, load_weights: bool) -> nn.Module:
@@ -143,6 +171,12 @@ class TextEncoder(nn.Module):
         return [stem] + [list(layer.parameters()) for layer in layers]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens (B, L, D) and the pooled embedding (B, D); cached rows are keyed by their unpadded ids."""
+        keys = lambda ids, mask: [digest(row[m.bool()]) for row, m in zip(ids, mask)]  # noqa: E731
+        text_embeds, pooled = self._run(keys, self._forward, input_ids, attention_mask)
+        return text_embeds[:, : input_ids.shape[1]], pooled
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         text_embeds = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
         if self.cfg.pooling == "mean":
             weights = attention_mask.unsqueeze(-1).to(text_embeds.dtype)  # (B, L, 1)

@@ -84,9 +84,7 @@ class VLPModel(nn.Module):
 
     def encode_image(self, image: torch.Tensor, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Image tokens ``image_embeds`` (B, N, C) and the L2-normalised ``image_feat`` (B, E)."""
-        encoder, proj = (
-            (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder, self.vision_proj)
-        )
+        encoder, proj = self._image_modules(momentum)
         image_embeds, pooled = encoder(image)
         return image_embeds, F.normalize(proj(pooled), dim=-1)
 
@@ -94,9 +92,21 @@ class VLPModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, momentum: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Text tokens ``text_embeds`` (B, L, D) and the L2-normalised ``text_feat`` (B, E)."""
-        encoder, proj = (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
+        encoder, proj = self._text_modules(momentum)
         text_embeds, pooled = encoder(input_ids, attention_mask)
         return text_embeds, F.normalize(proj(pooled), dim=-1)
+
+    def _image_modules(self, momentum: bool) -> tuple[nn.Module, nn.Module]:
+        # A frozen tower's momentum copy equals the tower itself (an EMA of constants), so it is not run twice.
+        if not momentum:
+            return self.visual_encoder, self.vision_proj
+        encoder = self.visual_encoder if self.visual_encoder.frozen else self.visual_encoder_m
+        return encoder, self.vision_proj_m
+
+    def _text_modules(self, momentum: bool) -> tuple[nn.Module, nn.Module]:
+        if not momentum:
+            return self.text_encoder, self.text_proj
+        return (self.text_encoder if self.text_encoder.frozen else self.text_encoder_m), self.text_proj_m
 
     def itm_logits(
         self,
