@@ -97,16 +97,10 @@ class VLPModel(nn.Module):
         return text_embeds, F.normalize(proj(pooled), dim=-1)
 
     def _image_modules(self, momentum: bool) -> tuple[nn.Module, nn.Module]:
-        # A frozen tower's momentum copy equals the tower itself (an EMA of constants), so it is not run twice.
-        if not momentum:
-            return self.visual_encoder, self.vision_proj
-        encoder = self.visual_encoder if self.visual_encoder.frozen else self.visual_encoder_m
-        return encoder, self.vision_proj_m
+        return (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder, self.vision_proj)
 
     def _text_modules(self, momentum: bool) -> tuple[nn.Module, nn.Module]:
-        if not momentum:
-            return self.text_encoder, self.text_proj
-        return (self.text_encoder if self.text_encoder.frozen else self.text_encoder_m), self.text_proj_m
+        return (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
 
     def itm_logits(
         self,
@@ -134,12 +128,15 @@ class VLPModel(nn.Module):
         alpha = self.cfg.alpha if alpha is None else alpha
         temperature = self.temperature()
         image_ids = batch["image_id"]
-        image_embeds, image_feat = self.encode_image(batch["image"])
-        text_embeds, text_feat = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        image_embeds, image_pooled = self.visual_encoder(batch["image"])
+        text_embeds, text_pooled = self.text_encoder(batch["input_ids"], batch["attention_mask"])
+        image_feat = F.normalize(self.vision_proj(image_pooled), dim=-1)
+        text_feat = F.normalize(self.text_proj(text_pooled), dim=-1)
 
         out = {"temperature": temperature.detach()}
         if self.cfg.momentum:
-            out["itc_loss"] = self._itc_momentum(batch, image_feat, text_feat, image_ids, temperature, alpha)
+            image_feat_m, text_feat_m = self._momentum_features(batch, image_pooled, text_pooled)
+            out["itc_loss"] = self._itc_momentum(image_feat, text_feat, image_feat_m, text_feat_m, image_ids, alpha)
         else:
             out["itc_loss"] = itc_loss(image_feat, text_feat, temperature, image_ids)
         loss = out["itc_loss"]
@@ -150,11 +147,20 @@ class VLPModel(nn.Module):
         out["loss"] = loss
         return out
 
-    def _itc_momentum(self, batch, image_feat, text_feat, image_ids, temperature, alpha) -> torch.Tensor:
+    @torch.no_grad()
+    def _momentum_features(self, batch, image_pooled, text_pooled) -> tuple[torch.Tensor, torch.Tensor]:
+        # A frozen tower's momentum copy equals the tower, so its pooled output is reused rather than recomputed.
+        if not self.visual_encoder.frozen:
+            image_pooled = self.visual_encoder_m(batch["image"])[1]
+        if not self.text_encoder.frozen:
+            text_pooled = self.text_encoder_m(batch["input_ids"], batch["attention_mask"])[1]
+        image_feat_m = F.normalize(self.vision_proj_m(image_pooled.detach()), dim=-1)
+        return image_feat_m, F.normalize(self.text_proj_m(text_pooled.detach()), dim=-1)
+
+    def _itc_momentum(self, image_feat, text_feat, image_feat_m, text_feat_m, image_ids, alpha) -> torch.Tensor:
+        temperature = self.temp
         # Keys are momentum features of the world batch followed by the queue; no gradient flows into keys.
         with torch.no_grad():
-            _, image_feat_m = self.encode_image(batch["image"], momentum=True)
-            _, text_feat_m = self.encode_text(batch["input_ids"], batch["attention_mask"], momentum=True)
             all_image_feat_m, all_text_feat_m = all_gather_nograd(image_feat_m), all_gather_nograd(text_feat_m)
             all_ids = all_gather_nograd(image_ids)
             if self.training:
