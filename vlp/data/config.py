@@ -64,8 +64,9 @@ class DataConfig:
     persistent_workers: bool = True
     pin_memory: bool | None = None
 
-    # Text.
+    # Text: words kept by cleaning, then tokens kept by the collator (the text tower's limit).
     max_words: int = 30
+    max_length: int = 40
     clean: str = "albef"
 
     # Augmentation (training only; evaluation is a plain resize).
@@ -120,7 +121,9 @@ class DataConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(mapping) - known)
         if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; valid keys are data.{', data.'.join(sorted(known))}")
+            raise ValueError(
+                f"unknown data config key(s) {unknown}; valid keys are data.{', data.'.join(sorted(known))}"
+            )
         return cls(**mapping)
 
     def path(self, value: str | None, base: str | None = None) -> str | None:
@@ -140,7 +143,7 @@ class DataConfig:
             _choice("data.hf_builder", self.hf_builder, HF_BUILDERS)
 
         # Sizes and counts.
-        for key in ("image_size", "batch_size", "eval_batch_size", "max_words", "synthetic_image_size"):
+        for key in ("image_size", "batch_size", "eval_batch_size", "max_words", "max_length", "synthetic_image_size"):
             _positive(f"data.{key}", getattr(self, key))
         for key in ("synthetic_train_size", "synthetic_eval_size", "shuffle_buffer", "image_check_samples"):
             _positive(f"data.{key}", getattr(self, key), allow_zero=True)
@@ -180,8 +183,12 @@ class DataConfig:
 
     def _validate_format(self) -> None:
         """Requirements that only apply to one loader."""
-        if self.name in ("json", "coco", "karpathy", "hf") and not any((self.train_file, self.val_file, self.test_file)):
-            raise ValueError(f"data.train_file (or data.val_file / data.test_file) must be set for data.name={self.name}")
+        if self.name in ("json", "coco", "karpathy", "hf") and not any(
+            (self.train_file, self.val_file, self.test_file)
+        ):
+            raise ValueError(
+                f"data.train_file (or data.val_file / data.test_file) must be set for data.name={self.name}"
+            )
         if self.name == "webdataset" and not self.shards:
             raise ValueError("data.shards must name the tar shards (e.g. 'shards/{00000..00099}.tar') for webdataset")
         if self.resampled and self.name != "webdataset":
