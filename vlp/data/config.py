@@ -69,7 +69,8 @@ class DataConfig:
     max_length: int = 40
     clean: str = "albef"
 
-    # Augmentation (training only; evaluation is a plain resize).
+    # Augmentation (training only; evaluation is a plain resize). augment=false trains on the plain resize too.
+    augment: bool = True
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     randaugment: bool = True

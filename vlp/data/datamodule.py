@@ -69,8 +69,9 @@ class VLPDataModule(L.LightningDataModule):
         # Transforms and limits shared by all splits.
         c = self.cfg
         self.limits = ImageLimits(c.min_image_side, c.max_image_side, c.max_aspect_ratio)
+        # augment=false trains on the evaluation transform: deterministic inputs, so frozen towers can be cached.
         self.train_transform = build_transform(
-            True, c.image_size, self.mean, self.std, c.crop_scale, c.hflip, c.randaugment, c.randaugment_config,
+            c.augment, c.image_size, self.mean, self.std, c.crop_scale, c.hflip, c.randaugment, c.randaugment_config,
             c.randaugment_ops,
         )  # fmt: skip
         self.eval_transform = build_transform(False, c.image_size, self.mean, self.std)
