@@ -159,6 +159,11 @@ class TextEncoder(Tower):
         self.model.config.num_hidden_layers = num_layers
         return top
 
+    def top_layer_copies(self, count: int) -> list[nn.Module]:
+        """The weights of the top ``count`` layers (the text tower keeps all of its layers)."""
+        layers = _encoder_layers(self.model)
+        return list(layers[max(0, len(layers) - count) :])
+
     def pop_top_layers(self) -> list[nn.Module]:
         top, self.top_layers = self.top_layers, []
         return top

@@ -67,8 +67,11 @@ class VLPModel(nn.Module):
             mlp_ratio=fusion_cfg.mlp_ratio or self.text_encoder.mlp_ratio,
             dropout=fusion_cfg.dropout,
         )
-        if fusion_cfg.init_from_text and top_layers:
-            count = fusion.init_from_text_layers(top_layers)
+        if fusion_cfg.init_from_text:
+            # Without layers split off the text tower, the fusion starts from copies of its top layers.
+            count = fusion.init_from_text_layers(
+                top_layers or self.text_encoder.top_layer_copies(fusion_cfg.num_layers)
+            )
             log.info(
                 "fusion: %d of %d blocks initialised from the text encoder's top layers", count, len(fusion.blocks)
             )
@@ -216,13 +219,17 @@ class VLPModel(nn.Module):
             neg_text, neg_image = neg_text[offset : offset + batch_size], neg_image[offset : offset + batch_size]
         has_neg_text, has_neg_image = neg_text >= 0, neg_image >= 0
 
-        # One fusion pass over B positives, then (image, hard text) and (hard image, text) negatives.
-        text_mask_local = cand_text_mask[offset : offset + batch_size]
-        text_local = cand_text_embeds[offset : offset + batch_size]
-        images = torch.cat([image_embeds, image_embeds[has_neg_text], cand_image_embeds[neg_image[has_neg_image]]])
-        texts = torch.cat([text_local, cand_text_embeds[neg_text[has_neg_text]], text_local[has_neg_image]])
-        masks = torch.cat([text_mask_local, cand_text_mask[neg_text[has_neg_text]], text_mask_local[has_neg_image]])
-        logits = self.itm_logits(texts, masks, image_embeds=images)  # (B + negatives, 2)
+        # One fusion pass over B positives, then (image, hard text) and (hard image, text) negatives. Pairs
+        # index candidate images; each distinct image's cross-attention keys and values are computed once.
+        local = torch.arange(offset, offset + batch_size, device=neg_text.device)
+        image_index = torch.cat([local, local[has_neg_text], neg_image[has_neg_image]])  # (P,)
+        text_index = torch.cat([local, neg_text[has_neg_text], local[has_neg_image]])  # (P,)
+        unique_images, pair_to_image = torch.unique(image_index, return_inverse=True)
+        image_kv = [
+            (k[pair_to_image], v[pair_to_image]) for k, v in self.fusion.image_kv(cand_image_embeds[unique_images])
+        ]
+        texts, masks = cand_text_embeds[text_index], cand_text_mask[text_index]  # (P, L, D), (P, L)
+        logits = self.itm_logits(texts, masks, image_kv=image_kv)  # (P, 2)
 
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         labels[:batch_size] = 1
