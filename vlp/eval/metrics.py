@@ -36,8 +36,8 @@ METRIC_KEYS = (
     "tr_median_rank",
     "ir_median_rank",
 )
-# Comparisons (rows x positives x candidates) evaluated at once when ranking dense scores.
-_RANK_BLOCK_ELEMENTS = 1 << 24
+# Comparisons (rows x positives x candidates) evaluated at once when ranking dense scores (a few MB of booleans).
+_RANK_BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ def dense_ranks(scores: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) ->
     for start in range(0, n_q, block):
         s, p, v = scores[start : start + block], pos[start : start + block], valid[start : start + block]
         pos_score = s.gather(1, p)[:, :, None]  # (b, G, 1) scores of the positives
-        ahead = (s[:, None, :] > pos_score).sum(-1)  # (b, 1, C) vs (b, G, 1) -> (b, G)
-        tied_ahead = ((s[:, None, :] == pos_score) & (columns < p[:, :, None])).sum(-1)  # (b, G)
+        ahead = (s[:, None, :] > pos_score).count_nonzero(-1)  # (b, 1, C) vs (b, G, 1) -> (b, G)
+        tied_ahead = ((s[:, None, :] == pos_score) & (columns < p[:, :, None])).count_nonzero(-1)  # (b, G)
         rank = (ahead + tied_ahead + 1).masked_fill(~v, n_c + 1)
         out[start : start + block] = rank.min(dim=1).values
     return out
@@ -138,6 +138,20 @@ def sort_topk(indices: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor
     indices, scores = indices.gather(1, by_index), scores.gather(1, by_index)  # (Q, k)
     by_score = scores.argsort(dim=1, descending=True, stable=True)
     return indices.gather(1, by_score), scores.gather(1, by_score)  # (Q, k)
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and scores (Q, k) of the k best candidates of every row of ``scores`` (Q, C), best first.
+
+    The ``(-score, index)`` order decides ties, also across the cut (``torch.topk`` keeps an unspecified one).
+    """
+    values, indices = scores.topk(k, dim=1)  # (Q, k)
+    straddles = (scores >= values[:, -1:]).count_nonzero(dim=1) > k  # rows with ties across the cut
+    if straddles.any():
+        rows = straddles.nonzero().squeeze(1)
+        order = scores[rows].argsort(dim=1, descending=True, stable=True)[:, :k]  # (r, k): smaller index first
+        indices[rows], values[rows] = order, scores[rows].gather(1, order)
+    return sort_topk(indices, values)
 
 
 def topk_ranks(
