@@ -179,3 +179,15 @@ def test_cache_without_freeze_is_rejected():
     config.text_encoder.cache_outputs = True
     with pytest.raises(ValueError, match="model.text_encoder.cache_outputs=true needs model.text_encoder.freeze"):
         VLPModel(config)
+
+
+def test_first_token_only_fusion_is_exact(model):
+    model.eval()
+    batch = make_batch(model)
+    with torch.no_grad():
+        text_embeds, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        image_embeds, _ = model.encode_image(batch["image"])
+        full = model.fusion(text_embeds, batch["attention_mask"], image_embeds)  # (B, L, D)
+        first = model.fusion(text_embeds, batch["attention_mask"], image_embeds, first_token_only=True)
+    assert first.shape == (4, 1, full.shape[-1])
+    assert torch.allclose(first[:, 0], full[:, 0], atol=1e-5)

@@ -64,8 +64,14 @@ class FusionBlock(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, text_mask: torch.Tensor, image_kv: KeyValue) -> torch.Tensor:
-        x = self.norm1(x + self.drop(self.self_attn(x, self.self_attn.project_kv(x), text_mask)))
+    def forward(
+        self, x: torch.Tensor, text_mask: torch.Tensor, image_kv: KeyValue, first_token_only: bool = False
+    ) -> torch.Tensor:
+        # Every text token is a key; with first_token_only only the first token is a query (exact for ITM).
+        kv = self.self_attn.project_kv(x)
+        if first_token_only:
+            x = x[:, :1]  # (B, L, D) -> (B, 1, D)
+        x = self.norm1(x + self.drop(self.self_attn(x, kv, text_mask)))
         x = self.norm2(x + self.drop(self.cross_attn(x, image_kv)))
         return self.norm3(x + self.drop(self.mlp(x)))
 
@@ -122,12 +128,18 @@ class FusionEncoder(nn.Module):
         text_mask: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
         image_kv: list[KeyValue] | None = None,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
-        """Fuse text tokens (B, L, D) with image tokens (B, N, C) or their precomputed keys and values."""
+        """Fuse text tokens (B, L, D) with image tokens (B, N, C) or their precomputed keys and values.
+
+        With ``first_token_only`` the last block computes only the first token, (B, 1, D): all that ITM
+        reads, at a fraction of the last block's cost.
+        """
         if image_kv is None:
             image_kv = self.image_kv(image_embeds)
         mask = text_mask.bool()[:, None, None, :]  # (B, L) -> (B, 1, 1, L): padded keys are ignored
         x = text_embeds
-        for block, kv in zip(self.blocks, image_kv):
-            x = block(x, mask, kv)
-        return x  # (B, L, D)
+        last = len(self.blocks) - 1
+        for i, (block, kv) in enumerate(zip(self.blocks, image_kv)):
+            x = block(x, mask, kv, first_token_only=first_token_only and i == last)
+        return x  # (B, L, D), or (B, 1, D) with first_token_only

@@ -113,7 +113,7 @@ class VLPModel(nn.Module):
         image_kv: list[KeyValue] | None = None,
     ) -> torch.Tensor:
         """Match logits (B, 2) from the fused first token; pass image tokens or their cached keys and values."""
-        fused = self.fusion(text_embeds, text_mask, image_embeds=image_embeds, image_kv=image_kv)  # (B, L, D)
+        fused = self.fusion(text_embeds, text_mask, image_embeds, image_kv, first_token_only=True)  # (B, 1, D)
         return self.itm_head(fused[:, 0])
 
     @torch.no_grad()
