@@ -88,6 +88,10 @@ def run_eval(cfg: DictConfig | Mapping[str, Any], dataset=None, loader=None) -> 
     # Model, data, then the collective evaluation.
     device = _device(cfg.get("device"))
     model = load_model_for_eval(cfg.ckpt, device)
+    if cfg.get("export") and get_rank() == 0:
+        # A self-contained directory (safetensors, config, tokenizer) for VLPModel.from_pretrained.
+        model.save_pretrained(cfg.export)
+        log.info("exported the model to %s", cfg.export)
     if dataset is None:
         dataset, loader = build_eval_data(cfg, model)
     rerank = bool(cfg.get("rerank", True))
