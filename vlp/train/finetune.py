@@ -22,7 +22,8 @@ def init_from_checkpoint(model, cfg: TrainConfig) -> None:
     Position embeddings are resampled to the new resolution in the online and momentum encoders alike; an
     export has no momentum copies, so they start as copies of the loaded online towers.
     """
-    state = model_state_dict(read_checkpoint(cfg.ckpt))
+    # The queue is training state of the old run (its size may differ too): fine-tuning starts with an empty one.
+    state = {k: v for k, v in model_state_dict(read_checkpoint(cfg.ckpt)).items() if not k.startswith("queue.")}
     report = load_state_into(model, state, allow_shape_mismatch=cfg.ckpt_allow_shape_mismatch)
     momentum_missing = [key for key in report["missing"] if "_m." in key]
     if momentum_missing:
