@@ -12,6 +12,49 @@ import torch.multiprocessing as mp
 
 from vlp.model import FusionConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+# A 2-block ViT and a 2+2-layer BERT, 32 px images, no dropout: a training step takes tens of milliseconds.
+TINY_MODEL = [
+    "model.image_encoder.image_size=32",
+    "model.image_encoder.timm_kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+    "model.text_encoder.config.hidden_size=32",
+    "model.text_encoder.config.num_attention_heads=2",
+    "model.text_encoder.config.intermediate_size=64",
+    "model.text_encoder.max_length=24",
+    "model.embed_dim=16",
+    "model.queue_size=64",
+]
+# Synthetic scenes read in the main process, one CSV logger, no progress bar, few retrieval candidates.
+SMALL_RUN = [
+    "data.image_size=32",
+    "data.synthetic_image_size=32",
+    "data.max_length=24",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "data.num_workers=0",
+    "data.synthetic_train_size=64",
+    "data.synthetic_eval_size=12",
+    "logger=csv",
+    "callbacks.progress_bar=none",
+    "eval.k=4",
+]
+
+
+def compose_train(overrides: list[str]):
+    """``configs/train.yaml`` composed with ``overrides`` through Hydra's compose API (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    os.environ.setdefault("VLP_ROOT_DIR", str(REPO_ROOT))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def tiny_overrides(output_dir: Path, *extra: str) -> list[str]:
+    """The overrides that shrink any experiment to the tiny model, small synthetic data and ``output_dir``."""
+    return [*TINY_MODEL, *SMALL_RUN, f"paths.output_dir={output_dir}", *extra]
+
 
 def tiny_model_config(**overrides) -> ModelConfig:
     """A ViT and a BERT of a few thousand parameters, no dropout, for CPU tests in seconds."""

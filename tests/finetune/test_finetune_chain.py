@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import compose_train, tiny_overrides
+from helpers import compose_train, tiny_overrides
 
 from vlp.eval.run import run_eval
 from vlp.train.run import train
@@ -99,3 +99,15 @@ def test_flickr8k_mini_chain_with_real_towers(tmp_path):
     assert all(0 <= value <= 100 for key, value in after.items() if "@" in key or key.endswith("mean"))
     # The fine-tuned model was evaluated on the 100 mini test photos, every image ranked in both directions.
     assert 1 <= after["test/ir_median_rank"] <= 100 and 1 <= after["test/tr_median_rank"] <= 100
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_into_a_valid_typed_config(experiment, tmp_path):
+    from vlp.train.config import load_config
+
+    overrides = [f"experiment={experiment}", f"paths.output_dir={tmp_path}"]
+    if experiment.startswith("finetune"):
+        overrides.append(f"ckpt={tmp_path / 'pretrain.ckpt'}")
+    cfg = load_config(compose_train(overrides))
+    assert cfg.task_name == experiment
+    assert (cfg.ckpt_mode == "init") == experiment.startswith("finetune")

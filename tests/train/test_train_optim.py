@@ -15,7 +15,7 @@ from vlp.train.schedule import WarmupCosine, warmup_cosine
 
 @pytest.fixture(scope="module")
 def model(request):
-    from conftest import TINY_MODEL, compose_train
+    from helpers import TINY_MODEL, compose_train
 
     cfg = load_config(compose_train([*TINY_MODEL, "data.image_size=32", "paths.output_dir=unused"]))
     return VLPModel(cfg.model)
