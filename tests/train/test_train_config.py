@@ -57,8 +57,8 @@ def test_wrong_type_is_named(compose, tmp_path):
 
 
 def test_patch_size_must_divide_image_size(compose, tmp_path):
-    message = _error(compose, tmp_path, "model.image_encoder.image_size=60", "data.image_size=60")
-    assert "model.image_encoder.image_size=60" in message and "patch size 8" in message
+    message = _error(compose, tmp_path, "model.image_encoder.image_size=60")
+    assert "model.image_encoder.image_size=60" in message and "patch size 16" in message
 
 
 def test_queue_without_momentum_is_rejected(compose, tmp_path):
@@ -82,6 +82,7 @@ def test_group_checks_name_their_keys(compose, tmp_path):
     assert "optim.layer_decay" in _error(compose, tmp_path, "optim.layer_decay=1.5")
     assert "data.batch_size" in _error(compose, tmp_path, "data.batch_size=0")
     assert "eval.k" in _error(compose, tmp_path, "eval.k=0")
+    assert "trainer.accelerator=gpu" in _error(compose, tmp_path, "trainer=ddp_cpu", "trainer.strategy=fsdp")
 
 
 def test_bad_config_fails_before_any_file_is_written(compose, tmp_path):

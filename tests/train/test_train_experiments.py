@@ -61,13 +61,14 @@ def test_pretrain_flickr8k_runs_on_real_data_with_offline_towers(compose, tmp_pa
     missing = [p for p in (FLICKR8K / "ann", WEIGHTS / "tf_efficientnet_lite0.safetensors") if not p.exists()]
     if missing:
         pytest.skip(f"needs Flickr8k and `python -m vlp.weights prepare-offline` output; missing {missing}")
-    # The real towers and the real train split; validation on the 100-image mini test set to stay fast.
+    # The real towers and the real train split, at 96 px; validation on the 100-image mini test set.
     overrides = [
         "experiment=pretrain_flickr8k",
         *FAST,
         "trainer=cpu",
         "logger=csv",
         "data.batch_size=4",
+        "model.image_encoder.image_size=96",  # EfficientNet takes any size; 224 px costs minutes on CPU
         "data.num_workers=0",
         "data.val_file=ann/flickr8k_mini_test.json",
         "model.queue_size=64",

@@ -281,7 +281,7 @@ class PlotCurves(L.Callback):
         self.output_dir = Path(output_dir)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or trainer.fast_dev_run:  # fast_dev_run disables the loggers
             return
         from vlp.train.plots import plot_curves
 

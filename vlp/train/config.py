@@ -122,6 +122,10 @@ class TrainerConfig:
                 self.accelerator != "cpu" or self.precision in ("32-true", "32", "bf16-mixed", "64-true"),
                 "trainer.precision=16-mixed needs a GPU; use 32-true (or bf16-mixed) with trainer.accelerator=cpu",
             ),
+            (
+                self.accelerator != "cpu" or self.strategy not in ("fsdp", *DEEPSPEED_STRATEGIES),
+                f"trainer.strategy={self.strategy} needs trainer.accelerator=gpu (use ddp on CPU)",
+            ),
         ]
         for ok, message in checks:
             _fail_unless(ok, message)
