@@ -41,7 +41,7 @@ def test_no_weight_decay_on_biases_norms_temperature_and_position_embeddings(mod
         "temp",
         "visual_encoder.model.pos_embed",
         "visual_encoder.model.cls_token",
-        "visual_encoder.model.norm.weight",
+        "visual_encoder.model.fc_norm.weight",  # the tiny ViT average-pools, so its final norm is fc_norm
         "text_encoder.model.embeddings.position_embeddings.weight",
         "text_encoder.model.embeddings.LayerNorm.weight",
         "fusion.blocks.0.cross_attn.query.bias",
@@ -57,13 +57,14 @@ def test_layer_decay_scales_each_tower_from_its_top_group(model):
     cfg = OptimConfig(lr=1e-3, layer_decay=0.5)
     settings = _lr_and_decay(build_optimizer(model, cfg), model)
     vis_groups = model.visual_encoder.block_groups()
-    assert len(vis_groups) == 3  # stem, block 0, block 1 (timm puts the final norm with the last block)
-    # The stem is two groups below the top: lr * 0.5**2; the top group keeps lr.
-    assert settings["visual_encoder.model.patch_embed.proj.weight"][0] == pytest.approx(1e-3 * 0.5**2)
-    assert settings["visual_encoder.model.cls_token"][0] == pytest.approx(1e-3 * 0.5**2)
-    assert settings["visual_encoder.model.blocks.0.mlp.fc1.weight"][0] == pytest.approx(1e-3 * 0.5)
-    assert settings["visual_encoder.model.blocks.1.mlp.fc1.weight"][0] == pytest.approx(1e-3)
-    assert settings["visual_encoder.model.norm.weight"][0] == pytest.approx(1e-3)
+    # stem, block 0, block 1, and the pooled-feature norm (fc_norm) that timm groups as the head.
+    assert len(vis_groups) == 4
+    # Each group sits one decay step below the next; the top group keeps lr.
+    assert settings["visual_encoder.model.patch_embed.proj.weight"][0] == pytest.approx(1e-3 * 0.5**3)
+    assert settings["visual_encoder.model.cls_token"][0] == pytest.approx(1e-3 * 0.5**3)
+    assert settings["visual_encoder.model.blocks.0.mlp.fc1.weight"][0] == pytest.approx(1e-3 * 0.5**2)
+    assert settings["visual_encoder.model.blocks.1.mlp.fc1.weight"][0] == pytest.approx(1e-3 * 0.5)
+    assert settings["visual_encoder.model.fc_norm.weight"][0] == pytest.approx(1e-3)
     # Text tower: embeddings, then 2 layers; its top layer keeps lr.
     assert settings["text_encoder.model.embeddings.word_embeddings.weight"][0] == pytest.approx(1e-3 * 0.25)
     assert settings["text_encoder.model.encoder.layer.1.output.dense.weight"][0] == pytest.approx(1e-3)
