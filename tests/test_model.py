@@ -191,3 +191,45 @@ def test_first_token_only_fusion_is_exact(model):
         first = model.fusion(text_embeds, batch["attention_mask"], image_embeds, first_token_only=True)
     assert first.shape == (4, 1, full.shape[-1])
     assert torch.allclose(first[:, 0], full[:, 0], atol=1e-5)
+
+
+def test_grouped_keys_values_and_cached_text_attention_match_per_pair_fusion(model):
+    from vlp.model.fusion import group_kv
+
+    # Pairs sorted by image with uneven counts (3, 1, 1, 2): runs of equal counts attend in one call.
+    model.eval()
+    batch = make_batch(model)
+    counts = torch.tensor([3, 1, 1, 2])
+    pair_image = torch.repeat_interleave(torch.arange(4), counts)  # (7,)
+    pair_text = torch.tensor([0, 2, 3, 1, 0, 3, 2])
+    with torch.no_grad():
+        text_embeds, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        image_embeds, _ = model.encode_image(batch["image"])
+        mask = batch["attention_mask"]
+        naive = model.itm_logits(text_embeds[pair_text], mask[pair_text], image_embeds=image_embeds[pair_image])
+        attended = model.fusion.attend_text(text_embeds, mask)[pair_text]  # (7, L, D)
+        image_kv = group_kv(model.fusion.image_kv(image_embeds), counts)
+        grouped = model.itm_logits(attended, mask[pair_text], image_kv=image_kv, text_attended=True)
+    assert [run[:2] for run in image_kv[0].runs] == [(0, 3), (3, 5), (5, 7)]
+    assert torch.allclose(grouped, naive, atol=1e-5)
+    with pytest.raises(ValueError, match="cover 7 rows, the batch has 6"):
+        model.itm_logits(attended[:6], mask[pair_text][:6], image_kv=image_kv, text_attended=True)
+
+
+def test_training_itm_pairs_match_per_pair_fusion_and_gradients(model):
+    # The training path (distinct captions attended once, pairs regrouped by image) against a plain gather.
+    model.train()
+    batch = make_batch(model)
+    image_index, text_index = torch.tensor([0, 1, 2, 3, 0, 2, 2, 1]), torch.tensor([0, 1, 2, 3, 3, 0, 1, 1])
+    text_embeds, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    image_embeds, _ = model.encode_image(batch["image"])
+    mask = batch["attention_mask"]
+    fast = model._itm_pair_logits(image_embeds, text_embeds, mask, image_index, text_index)
+    naive = model.itm_logits(text_embeds[text_index], mask[text_index], image_embeds=image_embeds[image_index])
+    assert torch.allclose(fast, naive, atol=1e-5)
+    grad_fast = torch.autograd.grad(fast.square().sum(), model.fusion.blocks[0].cross_attn.key.weight)[0]
+    text_embeds, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    image_embeds, _ = model.encode_image(batch["image"])
+    naive = model.itm_logits(text_embeds[text_index], mask[text_index], image_embeds=image_embeds[image_index])
+    grad_naive = torch.autograd.grad(naive.square().sum(), model.fusion.blocks[0].cross_attn.key.weight)[0]
+    assert torch.allclose(grad_fast, grad_naive, atol=1e-5)

@@ -128,3 +128,15 @@ def test_plot_curves_writes_a_png(tmp_path):
     out = plot_curves(csv_path, tmp_path / "plots" / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000  # three drawn panels, not an empty canvas
+
+
+def test_rerank_curve_keeps_only_reranked_validations():
+    from vlp.train.plots import _only_reranked
+
+    series = {
+        "val/r_mean": [(1, 12.5), (3, 21.0)],
+        "val/itc_r_mean": [(1, 12.5), (3, 20.0)],
+        "val/reranked": [(1, 0.0), (3, 1.0)],
+    }
+    kept = _only_reranked(series)
+    assert kept["val/r_mean"] == [(3, 21.0)] and kept["val/itc_r_mean"] == series["val/itc_r_mean"]

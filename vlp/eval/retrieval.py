@@ -12,11 +12,13 @@ Pipeline (every process runs it; one process is the special case of a world of o
    lists are gathered, so every process knows every query's candidates.
 4. Re-rank. Image tokens never leave their owner: each process scores the (image, caption) pairs whose image
    it owns, for both directions, each distinct pair once. Caption tokens are recomputed for the captions these
-   pairs need (about one caption-encoder pass per process, small next to k fusion passes per query). Pairs are
-   sorted by image (then caption length, so that a batch is cut to its longest caption) and packed into
+   pairs need (about one caption-encoder pass per process, small next to k fusion passes per query), together
+   with the fusion's first self-attention, which sees the caption alone (``FusionEncoder.attend_text``). Pairs
+   are sorted by image (then caption length, so that a batch is cut to its longest caption) and packed into
    fixed-size batches across queries; the cross-attention keys and values of each image
-   (``FusionEncoder.image_kv``) are computed exactly once and indexed (or broadcast) per pair. Scores are
-   summed into the (queries, k) lists with an all-reduce (each entry is written by one process only).
+   (``FusionEncoder.image_kv``) are computed exactly once and shared by its pairs without copies
+   (``GroupedKeyValues``). Scores are summed into the (queries, k) lists with an all-reduce (each entry is
+   written by one process only).
 
 Memory: image tokens of this process's shard, caption tokens of the captions it needs, (N, k) lists and one
 (chunk_size, N) similarity block; never an N_img x N_txt matrix.
@@ -49,10 +51,9 @@ from vlp.eval.metrics import (
     stable_topk,
     topk_ranks,
 )
+from vlp.model.fusion import GroupedKeyValues, KeyValue
 
 log = logging.getLogger(__name__)
-
-KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -78,31 +79,22 @@ def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
 
 
 class _PairKeyValues:
-    """Per-layer cross-attention keys/values of a window of images, expanded to pairs one layer at a time.
-
-    The fusion encoder iterates over layers; expanding lazily keeps only one layer's (P, H, N, d) copy alive.
-    """
+    """Per-layer cross-attention keys/values of a window of images, grouped for one batch of image-sorted pairs."""
 
     def __init__(self, window: list[KeyValue], rows: torch.Tensor):
-        # Rows are sorted: equal first and last rows mean one image, whose keys/values are broadcast, not copied.
-        self.window, self.rows = window, rows
-        self.single = int(rows[0]) if rows.numel() and int(rows[0]) == int(rows[-1]) else None
+        # Rows are the pairs' window positions, sorted, and every position between the first and last occurs.
+        self.window, self.first = window, int(rows[0])
+        self.counts = torch.unique_consecutive(rows, return_counts=True)[1]
+        self.last = self.first + self.counts.shape[0]
 
     def __len__(self) -> int:
         return len(self.window)
 
-    def __getitem__(self, layer: int) -> KeyValue:
+    def __getitem__(self, layer: int) -> GroupedKeyValues:
         k, v = self.window[layer]
-        if self.single is not None:
-            shape = (self.rows.shape[0], *k.shape[1:])
-            return k[self.single].expand(shape), v[self.single].expand(shape)  # (H, N, d) -> (P, H, N, d) view
-        # Rows of the contiguous window gathered as flat vectors: much faster than a strided 4-d index_select.
-        shape = (self.rows.shape[0], *k.shape[1:])
-        k = k.reshape(k.shape[0], -1).index_select(0, self.rows).view(shape)  # (W, H*N*d) -> (P, H, N, d)
-        v = v.reshape(v.shape[0], -1).index_select(0, self.rows).view(shape)  # (W, H*N*d) -> (P, H, N, d)
-        return k, v
+        return GroupedKeyValues(k[self.first : self.last], v[self.first : self.last], self.counts)  # (G, H, N, d)
 
-    def __iter__(self) -> Iterator[KeyValue]:
+    def __iter__(self) -> Iterator[GroupedKeyValues]:
         return (self[layer] for layer in range(len(self)))
 
 
@@ -206,12 +198,14 @@ class RetrievalEvaluator:
         return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
 
     def _encode_texts(self, input_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, tokens: bool):
-        """Features (R, E) or tokens (R, L, D) of the captions ``rows``, in batches of ``batch_size``."""
+        """Features (R, E) or first-fusion-block tokens (R, L, D) of the captions ``rows``, in batches."""
         out = []
         for start in range(0, rows.shape[0], self.cfg.batch_size):
             batch = rows[start : start + self.cfg.batch_size]
             with self._autocast():
                 text_embeds, text_feat = self.model.encode_text(input_ids[batch], mask[batch])
+                if tokens:  # the fusion's first self-attention sees the caption alone: once per caption
+                    text_embeds = self.model.fusion.attend_text(text_embeds, mask[batch])  # (B, L, D)
             out.append(text_embeds.to(self._cache_dtype()) if tokens else text_feat.float())
         if out:
             return torch.cat(out)
@@ -278,9 +272,12 @@ class RetrievalEvaluator:
         pair_image, pair_caption = keys // n_txt, keys % n_txt
         caption_tokens, caption_row = self._caption_tokens(input_ids, mask, torch.unique(pair_caption))
 
-        # Image-major order, shorter captions first within an image: a batch is cut to its longest caption.
+        # Image-major order, images with fewer pairs first (a batch's images with equal counts attend in one call),
+        # shorter captions first within an image (a batch is cut to its longest caption).
         length = (mask * torch.arange(1, max_len + 1, device=self.device)).amax(dim=1).clamp_min(1)  # (N_txt,)
-        order = (pair_image * (max_len + 1) + length[pair_caption]).argsort(stable=True)
+        count = torch.bincount(pair_image)[pair_image]
+        image_key = count * (int(pair_image.max()) + 1 if keys.numel() else 1) + pair_image
+        order = (image_key * (max_len + 1) + length[pair_caption]).argsort(stable=True)
         pair_image, pair_caption = pair_image[order], pair_caption[order]
         window_images, window_pos = torch.unique_consecutive(pair_image, return_inverse=True)
         logits = torch.empty(keys.shape[0], 2, dtype=torch.float32, device=self.device)
@@ -305,7 +302,7 @@ class RetrievalEvaluator:
             text = caption_tokens[caption_row[captions], :width]  # (P, width, D)
             pair_kv = _PairKeyValues(window, window_pos[start:stop] - lo)
             with self._autocast():
-                out = self.model.itm_logits(text, mask[captions, :width], image_kv=pair_kv)  # (P, 2)
+                out = self.model.itm_logits(text, mask[captions, :width], image_kv=pair_kv, text_attended=True)
             logits[order[start:stop]] = out.float()
         return {"logits": logits, "captions": int(caption_tokens.shape[0]), "kv_images": hi}
 
@@ -414,7 +411,7 @@ def _slide_window(window: list[KeyValue], drop: int, new_kv: list[KeyValue] | No
     kept = [(k[drop:], v[drop:]) for k, v in window]
     if new_kv is None:
         return kept
-    new_kv = [(k.contiguous(), v.contiguous()) for k, v in new_kv]  # once per image, for cheap row gathers
+    new_kv = [(k.contiguous(), v.contiguous()) for k, v in new_kv]  # once per image; batches slice it
     if not kept:
         return new_kv
     return [(torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(kept, new_kv)]  # (W', H, N, d)

@@ -3,7 +3,9 @@
 Written from torch building blocks because transformers only allows cross-attention in causal decoders.
 Blocks are post-norm like BERT so that their self-attention and MLP can start from a BERT layer. The
 keys and values that image tokens feed to every cross-attention layer can be computed once per image
-(:meth:`FusionEncoder.image_kv`) and reused for every caption scored against it.
+(:meth:`FusionEncoder.image_kv`) and reused for every caption scored against it, without copies
+(:class:`GroupedKeyValues`); the first block's self-attention depends on the caption alone and can be computed
+once per caption (:meth:`FusionEncoder.attend_text`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,35 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+class GroupedKeyValues:
+    """Cross-attention keys and values (G, H, N, d) of G images, image g shared by ``counts[g]`` consecutive rows.
+
+    A batch of pairs sorted by image attends without a per-pair copy of the keys and values: the rows of a run
+    of images with equal counts r are folded into the query length, (G_run * r, L, D) -> (G_run, r * L, D), and
+    attend in one call. Exact, because cross-attention has no mask: each query row sees its image's keys either way.
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, counts: torch.Tensor):
+        if key.shape[0] != counts.shape[0]:
+            raise ValueError(f"{key.shape[0]} images of keys/values but {counts.shape[0]} row counts")
+        self.key, self.value = key, value
+        counts = counts.tolist()
+        self.runs = []  # (first row, last row + 1, first image, last image + 1), one per run of equal counts
+        row = image = 0
+        while image < len(counts):
+            end = image
+            while end < len(counts) and counts[end] == counts[image]:
+                end += 1
+            self.runs.append((row, row + counts[image] * (end - image), image, end))
+            row, image = row + counts[image] * (end - image), end
+        self.rows = row
+
+
+def group_kv(image_kv: list[KeyValue], counts: torch.Tensor) -> list[GroupedKeyValues]:
+    """Wrap every layer's keys/values (G, H, N, d) for a batch whose rows are sorted by image, ``counts`` per image."""
+    return [GroupedKeyValues(k, v, counts) for k, v in image_kv]
 
 
 class Attention(nn.Module):
@@ -40,12 +71,31 @@ class Attention(nn.Module):
         """Keys and values of ``context`` (B, N, C), each (B, H, N, d)."""
         return self._split_heads(self.key(context)), self._split_heads(self.value(context))
 
-    def forward(self, x: torch.Tensor, kv: KeyValue, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: KeyValue | GroupedKeyValues, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if isinstance(kv, GroupedKeyValues):
+            return self.out(self._attend_grouped(self.query(x), kv))
         query = self._split_heads(self.query(x))  # (B, H, L, d)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(query, *kv, attn_mask=mask, dropout_p=dropout)  # (B, H, L, d)
         out = out.transpose(1, 2).flatten(2)  # (B, H, L, d) -> (B, L, H*d)
         return self.out(out)
+
+    def _attend_grouped(self, query: torch.Tensor, kv: GroupedKeyValues) -> torch.Tensor:
+        """Unmasked attention of query rows (B, L, D) sorted by image to their image's keys/values, (B, L, D)."""
+        if kv.rows != query.shape[0]:
+            raise ValueError(f"grouped keys/values cover {kv.rows} rows, the batch has {query.shape[0]}")
+        dropout = self.dropout if self.training else 0.0
+        _, length, dim = query.shape
+        outs = []
+        for row0, row1, image0, image1 in kv.runs:
+            # The run's rows fold into its images' query length: a view, as the rows are contiguous.
+            folded = query[row0:row1].reshape(image1 - image0, -1, dim)  # (G*r, L, D) -> (G, r*L, D)
+            key, value = kv.key[image0:image1], kv.value[image0:image1]  # (G, H, N, d)
+            out = F.scaled_dot_product_attention(self._split_heads(folded), key, value, dropout_p=dropout)
+            outs.append(out.transpose(1, 2).reshape(row1 - row0, length, dim))  # (G, H, r*L, d) -> (G*r, L, D)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class FusionBlock(nn.Module):
@@ -65,13 +115,24 @@ class FusionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, text_mask: torch.Tensor, image_kv: KeyValue, first_token_only: bool = False
+        self,
+        x: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_kv: KeyValue | GroupedKeyValues,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
+        return self.attend_image(self.attend_text(x, text_mask, first_token_only), image_kv)
+
+    def attend_text(self, x: torch.Tensor, text_mask: torch.Tensor, first_token_only: bool = False) -> torch.Tensor:
+        """Self-attention over the text tokens (B, L, D); no image involved."""
         # Every text token is a key; with first_token_only only the first token is a query (exact for ITM).
         kv = self.self_attn.project_kv(x)
         if first_token_only:
             x = x[:, :1]  # (B, L, D) -> (B, 1, D)
-        x = self.norm1(x + self.drop(self.self_attn(x, kv, text_mask)))
+        return self.norm1(x + self.drop(self.self_attn(x, kv, text_mask)))
+
+    def attend_image(self, x: torch.Tensor, image_kv: KeyValue | GroupedKeyValues) -> torch.Tensor:
+        """Cross-attention to the image tokens' keys/values, then the MLP; (B, L, D) -> (B, L, D)."""
         x = self.norm2(x + self.drop(self.cross_attn(x, image_kv)))
         return self.norm3(x + self.drop(self.mlp(x)))
 
@@ -122,24 +183,42 @@ class FusionEncoder(nn.Module):
         """Cross-attention keys and values of image tokens (B, N, C) for every block, each (B, H, N, d)."""
         return [block.cross_attn.project_kv(image_embeds) for block in self.blocks]
 
+    def attend_text(self, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The first block's self-attention over text tokens, (B, L, D) -> (B, L, D).
+
+        It depends on the caption alone: a caption paired with many images needs it once. Pass the result to
+        :meth:`forward` with ``text_attended=True``. Padded positions hold unused values, as in ``forward``.
+        """
+        return self.blocks[0].attend_text(text_embeds, _key_mask(text_mask))
+
     def forward(
         self,
         text_embeds: torch.Tensor,
         text_mask: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
-        image_kv: list[KeyValue] | None = None,
+        image_kv: list[KeyValue] | list[GroupedKeyValues] | None = None,
         first_token_only: bool = False,
+        text_attended: bool = False,
     ) -> torch.Tensor:
         """Fuse text tokens (B, L, D) with image tokens (B, N, C) or their precomputed keys and values.
 
         With ``first_token_only`` the last block computes only the first token, (B, 1, D): all that ITM
-        reads, at a fraction of the last block's cost.
+        reads, at a fraction of the last block's cost. With ``text_attended`` the input is already the output
+        of :meth:`attend_text`, and the first block starts at its cross-attention.
         """
         if image_kv is None:
             image_kv = self.image_kv(image_embeds)
-        mask = text_mask.bool()[:, None, None, :]  # (B, L) -> (B, 1, 1, L): padded keys are ignored
+        mask = _key_mask(text_mask)
         x = text_embeds
         last = len(self.blocks) - 1
         for i, (block, kv) in enumerate(zip(self.blocks, image_kv)):
-            x = block(x, mask, kv, first_token_only=first_token_only and i == last)
+            first_only = first_token_only and i == last
+            if i == 0 and text_attended:
+                x = block.attend_image(x[:, :1] if first_only else x, kv)  # (B, L, D), or (B, 1, D)
+            else:
+                x = block(x, mask, kv, first_token_only=first_only)
         return x  # (B, L, D), or (B, 1, D) with first_token_only
+
+
+def _key_mask(text_mask: torch.Tensor) -> torch.Tensor:
+    return text_mask.bool()[:, None, None, :]  # (B, L) -> (B, 1, 1, L): padded keys are ignored

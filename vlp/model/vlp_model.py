@@ -14,7 +14,7 @@ from vlp.dist import all_gather_nograd, all_gather_with_grad, rank_offset
 from vlp.losses import contrastive_loss, itc_loss, itm_loss, positive_targets, sample_hard_negatives
 from vlp.model.config import ModelConfig
 from vlp.model.encoders import ImageEncoder, TextEncoder
-from vlp.model.fusion import FusionEncoder, KeyValue
+from vlp.model.fusion import FusionEncoder, GroupedKeyValues, KeyValue, group_kv
 from vlp.model.queue import FeatureQueue
 from vlp.model.tokenizer import load_tokenizer
 
@@ -110,10 +110,14 @@ class VLPModel(nn.Module):
         text_embeds: torch.Tensor,
         text_mask: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
-        image_kv: list[KeyValue] | None = None,
+        image_kv: list[KeyValue] | list[GroupedKeyValues] | None = None,
+        text_attended: bool = False,
     ) -> torch.Tensor:
-        """Match logits (B, 2) from the fused first token; pass image tokens or their cached keys and values."""
-        fused = self.fusion(text_embeds, text_mask, image_embeds, image_kv, first_token_only=True)  # (B, 1, D)
+        """Match logits (B, 2) from the fused first token; pass image tokens or their cached keys and values.
+
+        With ``text_attended``, ``text_embeds`` is the output of ``fusion.attend_text`` (see :class:`FusionEncoder`).
+        """
+        fused = self.fusion(text_embeds, text_mask, image_embeds, image_kv, True, text_attended)  # (B, 1, D)
         return self.itm_head(fused[:, 0])
 
     @torch.no_grad()
@@ -219,23 +223,39 @@ class VLPModel(nn.Module):
             neg_text, neg_image = neg_text[offset : offset + batch_size], neg_image[offset : offset + batch_size]
         has_neg_text, has_neg_image = neg_text >= 0, neg_image >= 0
 
-        # One fusion pass over B positives, then (image, hard text) and (hard image, text) negatives. Pairs
-        # index candidate images; each distinct image's cross-attention keys and values are computed once.
+        # One fusion pass over B positives, then (image, hard text) and (hard image, text) negatives.
         local = torch.arange(offset, offset + batch_size, device=neg_text.device)
         image_index = torch.cat([local, local[has_neg_text], neg_image[has_neg_image]])  # (P,)
         text_index = torch.cat([local, neg_text[has_neg_text], local[has_neg_image]])  # (P,)
-        unique_images, pair_to_image = torch.unique(image_index, return_inverse=True)
-        image_kv = [
-            (k[pair_to_image], v[pair_to_image]) for k, v in self.fusion.image_kv(cand_image_embeds[unique_images])
-        ]
-        texts, masks = cand_text_embeds[text_index], cand_text_mask[text_index]  # (P, L, D), (P, L)
-        logits = self.itm_logits(texts, masks, image_kv=image_kv)  # (P, 2)
+        logits = self._itm_pair_logits(cand_image_embeds, cand_text_embeds, cand_text_mask, image_index, text_index)
 
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         labels[:batch_size] = 1
         invalid_rows = (~has_neg_text).sum() + (~has_neg_image).sum()
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return {"itm_loss": itm_loss(logits, labels), "itm_acc": accuracy, "itm_invalid_rows": invalid_rows}
+
+    def _itm_pair_logits(self, image_embeds, text_embeds, text_mask, image_index, text_index) -> torch.Tensor:
+        """ITM logits (P, 2) of the pairs (image_embeds[image_index], text_embeds[text_index])."""
+        # Each distinct caption's first-block self-attention is computed once (it does not see the image).
+        texts, pair_to_text = torch.unique(text_index, return_inverse=True)
+        attended = self.fusion.attend_text(text_embeds[texts], text_mask[texts])  # (T, L, D)
+
+        # Pairs sorted by image, images with equal pair counts adjacent: each distinct image's cross-attention
+        # keys and values are computed once and shared by its pairs without copies (GroupedKeyValues).
+        images, pair_to_image, counts = torch.unique(image_index, return_inverse=True, return_counts=True)
+        by_count = counts.argsort(stable=True)  # image order in the batch
+        slot = torch.empty_like(by_count)
+        slot[by_count] = torch.arange(by_count.shape[0], device=by_count.device)
+        order = slot[pair_to_image].argsort(stable=True)  # pair order in the batch
+        image_kv = group_kv(self.fusion.image_kv(image_embeds[images[by_count]]), counts[by_count])
+        text_rows = pair_to_text[order]
+        logits = self.itm_logits(
+            attended[text_rows], text_mask[texts][text_rows], image_kv=image_kv, text_attended=True
+        )
+
+        # Back to the caller's pair order.
+        return logits[order.argsort()]  # (P, 2)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

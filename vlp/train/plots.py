@@ -9,7 +9,7 @@ from pathlib import Path
 PANELS = (
     ("loss", ("train/loss", "train/itc_loss", "train/itm_loss")),
     ("temperature", ("train/temperature",)),
-    ("validation recall (mean R@1/5/10)", ("val/r_mean", "val/itc_r_mean")),
+    ("validation recall (mean R@1/5/10)", ("val/itc_r_mean", "val/r_mean")),  # r_mean: re-ranked points only
 )
 
 
@@ -27,6 +27,14 @@ def read_metrics(metrics_csv: str | Path) -> dict[str, list[tuple[int, float]]]:
     return dict(series)
 
 
+def _only_reranked(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """Keep ``val/r_mean`` only where it comes from the ITM re-rank (elsewhere it repeats the ITC value)."""
+    reranked = {step for step, flag in series.get("val/reranked", []) if flag}
+    if "val/r_mean" in series and "val/reranked" in series:
+        series = dict(series, **{"val/r_mean": [(s, v) for s, v in series["val/r_mean"] if s in reranked]})
+    return series
+
+
 def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     """Draw one panel per entry of :data:`PANELS` (metrics that were never logged are left out) to ``out_png``."""
     import matplotlib
@@ -34,7 +42,7 @@ def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    series = read_metrics(metrics_csv)
+    series = _only_reranked(read_metrics(metrics_csv))
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
     for ax, (title, keys) in zip(axes, PANELS):
         for key in keys:
