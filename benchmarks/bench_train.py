@@ -286,25 +286,24 @@ def pair_rows(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vlp_itm_scorer(model, batch, device: torch.device):
-    """Re-ranking as vlp's evaluator does it: unimodal outputs cached, image keys/values once per image."""
+    """Re-ranking as vlp's evaluator does it: the towers' outputs cached; per call, each caption's first fusion
+    self-attention once and each image's keys/values once, shared by its pairs without copies."""
+    from vlp.model.fusion import group_kv
+
     with torch.inference_mode(), common.autocast(device):
         image_embeds, _ = model.encode_image(batch["image"][:ITM_IMAGES])
         text_embeds, _ = model.encode_text(batch["input_ids"][:ITM_CAPTIONS], batch["attention_mask"][:ITM_CAPTIONS])
     mask = batch["attention_mask"][:ITM_CAPTIONS]
-    images, captions = pair_rows(device)
+    _, captions = pair_rows(device)  # image-major: every image's ITM_CAPTIONS pairs are adjacent
+    counts = torch.full((ITM_IMAGES,), ITM_CAPTIONS, device=device)
 
     def score():
         with torch.inference_mode(), common.autocast(device):
-            kv = model.fusion.image_kv(image_embeds)  # (I, H, N, d) per block: once per image
-            pair_kv = [(gather_rows(k, images), gather_rows(v, images)) for k, v in kv]
-            model.itm_logits(text_embeds[captions], mask[captions], image_kv=pair_kv)
+            attended = model.fusion.attend_text(text_embeds, mask)  # (C, L, D): once per caption
+            kv = group_kv(model.fusion.image_kv(image_embeds), counts)  # (I, H, N, d) per block: once per image
+            model.itm_logits(attended[captions], mask[captions], image_kv=kv, text_attended=True)
 
     return score
-
-
-def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(I, H, N, d) -> (P, H, N, d) as vlp.eval gathers: rows as flat vectors (a strided 4-d gather is slow)."""
-    return x.reshape(x.shape[0], -1).index_select(0, rows).view(rows.shape[0], *x.shape[1:])
 
 
 def blip_itm_scorers(model, batch, device: torch.device) -> dict[str, Any]:

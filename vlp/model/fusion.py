@@ -50,6 +50,37 @@ def group_kv(image_kv: list[KeyValue], counts: torch.Tensor) -> list[GroupedKeyV
     return [GroupedKeyValues(k, v, counts) for k, v in image_kv]
 
 
+class TokenPacking:
+    """The valid tokens of a right-padded (B, L) batch, packed to (T, D) for the linear layers.
+
+    Projections and MLPs see only the T real tokens (captions of mixed length waste a third of a padded batch
+    on padding); attention unpacks its inputs to (B, L, D). Unpacked padding is zero and never a valid key.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        self.batch, self.length = mask.shape
+        self.index = None if bool(mask.all()) else mask.flatten().nonzero().squeeze(1)  # (T,); None: no padding
+        # Packed row of each caption's first token, whose position 0 is always valid ([CLS]).
+        lengths = mask.sum(dim=1)
+        self.first_rows = torch.cumsum(lengths, 0) - lengths  # (B,)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return x.flatten(0, 1)  # (B, L, D) -> (B*L, D)
+        return x.flatten(0, 1).index_select(0, self.index)  # (B, L, D) -> (T, D)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return x.view(self.batch, self.length, -1)  # (B*L, D) -> (B, L, D)
+        out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)  # (B*L, D)
+        return out.view(self.batch, self.length, -1)  # (B*L, D) -> (B, L, D)
+
+    def first_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenPacking]:
+        """Each caption's first token (B, D) of packed ``x``, and the packing of a batch of one token each."""
+        mask = torch.ones(self.batch, 1, dtype=torch.bool, device=self.first_rows.device)
+        return x.index_select(0, self.first_rows), TokenPacking(mask)
+
+
 class Attention(nn.Module):
     """Multi-head attention whose keys and values may come from another width (image tokens)."""
 
@@ -71,16 +102,13 @@ class Attention(nn.Module):
         """Keys and values of ``context`` (B, N, C), each (B, H, N, d)."""
         return self._split_heads(self.key(context)), self._split_heads(self.value(context))
 
-    def forward(
-        self, x: torch.Tensor, kv: KeyValue | GroupedKeyValues, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, kv: KeyValue | GroupedKeyValues, mask: torch.Tensor | None = None):
+        """Attention of projected queries (B, L, D) to keys/values; (B, L, D), before the output projection."""
         if isinstance(kv, GroupedKeyValues):
-            return self.out(self._attend_grouped(self.query(x), kv))
-        query = self._split_heads(self.query(x))  # (B, H, L, d)
+            return self._attend_grouped(query, kv)
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(query, *kv, attn_mask=mask, dropout_p=dropout)  # (B, H, L, d)
-        out = out.transpose(1, 2).flatten(2)  # (B, H, L, d) -> (B, L, H*d)
-        return self.out(out)
+        out = F.scaled_dot_product_attention(self._split_heads(query), *kv, attn_mask=mask, dropout_p=dropout)
+        return out.transpose(1, 2).flatten(2)  # (B, H, L, d) -> (B, L, H*d)
 
     def _attend_grouped(self, query: torch.Tensor, kv: GroupedKeyValues) -> torch.Tensor:
         """Unmasked attention of query rows (B, L, D) sorted by image to their image's keys/values, (B, L, D)."""
@@ -99,7 +127,12 @@ class Attention(nn.Module):
 
 
 class FusionBlock(nn.Module):
-    """Bidirectional self-attention over text, cross-attention to image tokens, MLP; post-norm residuals."""
+    """Bidirectional self-attention over text, cross-attention to image tokens, MLP; post-norm residuals.
+
+    Works on packed text tokens (T, D) (see :class:`TokenPacking`). Either half can be skipped: the
+    self-attention sees the caption alone, so it can be computed once per caption and reused for every image.
+    Both halves run through ``forward``, so that wrappers (FSDP, activation checkpointing) see every call.
+    """
 
     def __init__(self, dim: int, image_dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
@@ -117,23 +150,34 @@ class FusionBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        text_mask: torch.Tensor,
-        image_kv: KeyValue | GroupedKeyValues,
+        packing: TokenPacking,
+        key_mask: torch.Tensor | None = None,
+        image_kv: KeyValue | GroupedKeyValues | None = None,
         first_token_only: bool = False,
-    ) -> torch.Tensor:
-        return self.attend_image(self.attend_text(x, text_mask, first_token_only), image_kv)
+    ) -> tuple[torch.Tensor, TokenPacking]:
+        """Packed tokens (T, D) -> (T', D) and their packing; no ``key_mask``: the self-attention was done,
+        no ``image_kv``: only the self-attention. ``first_token_only`` keeps one query token per caption."""
+        if key_mask is not None:
+            x, packing = self._attend_text(x, packing, key_mask, first_token_only)
+        elif first_token_only:
+            x, packing = packing.first_tokens(x)
+        if image_kv is not None:
+            x = self._attend_image(x, packing, image_kv)
+        return x, packing
 
-    def attend_text(self, x: torch.Tensor, text_mask: torch.Tensor, first_token_only: bool = False) -> torch.Tensor:
-        """Self-attention over the text tokens (B, L, D); no image involved."""
+    def _attend_text(self, x, packing: TokenPacking, key_mask: torch.Tensor, first_token_only: bool):
         # Every text token is a key; with first_token_only only the first token is a query (exact for ITM).
-        kv = self.self_attn.project_kv(x)
+        attn = self.self_attn
+        kv = attn._split_heads(packing.unpack(attn.key(x))), attn._split_heads(packing.unpack(attn.value(x)))
         if first_token_only:
-            x = x[:, :1]  # (B, L, D) -> (B, 1, D)
-        return self.norm1(x + self.drop(self.self_attn(x, kv, text_mask)))
+            x, packing = packing.first_tokens(x)  # (T, D) -> (B, D)
+        out = packing.pack(attn.attend(packing.unpack(attn.query(x)), kv, key_mask))  # (T, D)
+        return self.norm1(x + self.drop(attn.out(out))), packing
 
-    def attend_image(self, x: torch.Tensor, image_kv: KeyValue | GroupedKeyValues) -> torch.Tensor:
-        """Cross-attention to the image tokens' keys/values, then the MLP; (B, L, D) -> (B, L, D)."""
-        x = self.norm2(x + self.drop(self.cross_attn(x, image_kv)))
+    def _attend_image(self, x: torch.Tensor, packing: TokenPacking, image_kv) -> torch.Tensor:
+        attn = self.cross_attn
+        out = packing.pack(attn.attend(packing.unpack(attn.query(x)), image_kv))  # (T, D)
+        x = self.norm2(x + self.drop(attn.out(out)))
         return self.norm3(x + self.drop(self.mlp(x)))
 
     def init_from_bert_layer(self, layer: nn.Module) -> None:
@@ -187,9 +231,11 @@ class FusionEncoder(nn.Module):
         """The first block's self-attention over text tokens, (B, L, D) -> (B, L, D).
 
         It depends on the caption alone: a caption paired with many images needs it once. Pass the result to
-        :meth:`forward` with ``text_attended=True``. Padded positions hold unused values, as in ``forward``.
+        :meth:`forward` with ``text_attended=True``. Padded positions are zero.
         """
-        return self.blocks[0].attend_text(text_embeds, _key_mask(text_mask))
+        packing = _packing(text_mask)
+        x, packing = self.blocks[0](packing.pack(text_embeds), packing, _key_mask(text_mask))
+        return packing.unpack(x)
 
     def forward(
         self,
@@ -200,24 +246,29 @@ class FusionEncoder(nn.Module):
         first_token_only: bool = False,
         text_attended: bool = False,
     ) -> torch.Tensor:
-        """Fuse text tokens (B, L, D) with image tokens (B, N, C) or their precomputed keys and values.
+        """Fuse right-padded text tokens (B, L, D) with image tokens (B, N, C) or their keys and values.
 
         With ``first_token_only`` the last block computes only the first token, (B, 1, D): all that ITM
         reads, at a fraction of the last block's cost. With ``text_attended`` the input is already the output
-        of :meth:`attend_text`, and the first block starts at its cross-attention.
+        of :meth:`attend_text`, and the first block starts at its cross-attention. Padded positions of the
+        output are zero.
         """
         if image_kv is None:
             image_kv = self.image_kv(image_embeds)
+        packing = _packing(text_mask)
         mask = _key_mask(text_mask)
-        x = text_embeds
+        x = packing.pack(text_embeds)  # (B, L, D) -> (T, D): the linear layers skip padding
         last = len(self.blocks) - 1
         for i, (block, kv) in enumerate(zip(self.blocks, image_kv)):
-            first_only = first_token_only and i == last
-            if i == 0 and text_attended:
-                x = block.attend_image(x[:, :1] if first_only else x, kv)  # (B, L, D), or (B, 1, D)
-            else:
-                x = block(x, mask, kv, first_token_only=first_only)
-        return x  # (B, L, D), or (B, 1, D) with first_token_only
+            skip_text = i == 0 and text_attended
+            x, packing = block(x, packing, None if skip_text else mask, kv, first_token_only and i == last)
+        return packing.unpack(x)  # (T, D) -> (B, L, D), or (B, 1, D) with first_token_only
+
+
+def _packing(text_mask: torch.Tensor) -> TokenPacking:
+    if not bool(text_mask[:, 0].all()):
+        raise ValueError("the fusion encoder expects right-padded captions: every first token ([CLS]) unmasked")
+    return TokenPacking(text_mask.bool())
 
 
 def _key_mask(text_mask: torch.Tensor) -> torch.Tensor:
