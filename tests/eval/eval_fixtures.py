@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import tiny_model_config
 
-from vlp.model import FusionConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig, VLPModel
+from vlp.model import ModelConfig, VLPModel
 
 WORDS = "a the red green blue small big circle square star dog cat man woman ball grass water left right".split()
 
 
 def tiny_config() -> ModelConfig:
-    """ViT (patch 8 on 32 px: 17 tokens, width 32) and a 2-layer BERT of width 32, no dropout."""
-    return ModelConfig(
-        image_encoder=ImageEncoderConfig(
-            name="vit_tiny_patch16_224",
-            image_size=32,
-            timm_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
-        ),
-        text_encoder=TextEncoderConfig(
-            config=dict(
-                hidden_size=32,
-                num_hidden_layers=4,
-                num_attention_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=64,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            ),
-            num_layers=2,
-            max_length=16,
-        ),
-        fusion=FusionConfig(num_layers=2),
-        embed_dim=16,
-        queue_size=32,
-    )
+    """The shared tiny model (tests/helpers.py) with 2 text layers and 2 BERT layers that initialise the fusion."""
+    cfg = tiny_model_config(queue_size=32)
+    cfg.text_encoder.config["num_hidden_layers"] = 4
+    return cfg
 
 
 def tiny_model(seed: int = 0) -> VLPModel:
