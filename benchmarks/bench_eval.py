@@ -14,7 +14,10 @@ measure the evaluation machinery, not retrieval quality. Each (N, k) runs in a f
 * loop (only for N <= 1000, where its dense N_img x N_txt matrices stay small; run after ours in the same
   process): for each image query, its top-k captions by ITC are scored by ITM in one batch of k pairs with the
   image's tokens repeated k times (keys and values recomputed for every pair); then the same for each caption
-  query. Both methods share the final ranking rule, and their metrics are asserted equal.
+  query. Both methods share the final ranking rule, and their metrics are asserted equal. The loop calls the
+  same ``model.itm_logits``, so it keeps the fusion's own savings (padding packed away, a first-token-only last
+  block); the speed-up measures the re-rank's organisation: pairs packed across queries, each image's keys and
+  values computed once and shared without copies, each caption's first self-attention computed once.
 
 Peak memory is the process's peak RSS minus its RSS once the model and inputs are built. Writes
 benchmarks/results/eval.json and prints a markdown table.
