@@ -145,10 +145,11 @@ def encode_all(model: VLPModel, data: dict) -> dict:
     }
 
 
-def dense_scores(lists, shape: tuple[int, int]) -> torch.Tensor:
-    """The library's re-ranked scores (Q, k) at their (query, candidate) places of a dense (Q, C) matrix."""
+def dense_scores(lists, shape: tuple[int, int], fill: float | None = None) -> torch.Tensor:
+    """The library's re-ranked scores (Q, k) (or ``fill``) at their (query, candidate) places of a (Q, C) matrix."""
     dense = torch.zeros(shape, dtype=torch.float64)
-    dense.scatter_(1, torch.as_tensor(lists.indices).long(), torch.as_tensor(lists.scores).double())
+    scores = torch.as_tensor(lists.scores).double()
+    dense.scatter_(1, torch.as_tensor(lists.indices).long(), scores if fill is None else torch.full_like(scores, fill))
     return dense
 
 
@@ -190,11 +191,13 @@ def run_loop(model: VLPModel, data: dict, k: int, ours_lists=None) -> dict:
         # The library's scores in the loop's ranking: equal metrics check the ranking, the score gap the scoring.
         ours_i2t, ours_t2i = (dense_scores(lists, m.shape) for lists, m in zip(ours_lists, (itm_i2t, itm_t2i)))
         out["metrics_with_ours"] = loop_metrics(ours_i2t, ours_t2i, sims, scored_i2t, scored_t2i, data)
-        gaps = [
-            (ours - loop)[scored].abs().max()
-            for ours, loop, scored in ((ours_i2t, itm_i2t, scored_i2t), (ours_t2i, itm_t2i, scored_t2i))
-        ]
-        out["max_score_gap"] = float(max(gaps))
+        # Compared where both scored the pair: at the k-th ITC place a near-tie may pick another candidate.
+        ours_mask = [dense_scores(lists, m.shape, fill=1.0).bool() for lists, m in zip(ours_lists, (itm_i2t, itm_t2i))]
+        pairs = ((ours_i2t, itm_i2t, scored_i2t, ours_mask[0]), (ours_t2i, itm_t2i, scored_t2i, ours_mask[1]))
+        out["max_score_gap"] = float(
+            max((ours - loop)[scored & mine].abs().max() for ours, loop, scored, mine in pairs)
+        )
+        out["candidates_differing"] = int(sum((scored ^ mine).sum() for _, _, scored, mine in pairs))
     return out
 
 
