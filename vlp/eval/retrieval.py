@@ -84,15 +84,16 @@ class _PairKeyValues:
     def __init__(self, window: list[KeyValue], rows: torch.Tensor):
         # Rows are the pairs' window positions, sorted, and every position between the first and last occurs.
         self.window, self.first = window, int(rows[0])
-        self.counts = torch.unique_consecutive(rows, return_counts=True)[1]
-        self.last = self.first + self.counts.shape[0]
+        counts = torch.unique_consecutive(rows, return_counts=True)[1]
+        self.last = self.first + counts.shape[0]
+        self.runs = GroupedKeyValues.runs_of(counts)  # computed once, shared by every layer
 
     def __len__(self) -> int:
         return len(self.window)
 
     def __getitem__(self, layer: int) -> GroupedKeyValues:
         k, v = self.window[layer]
-        return GroupedKeyValues(k[self.first : self.last], v[self.first : self.last], self.counts)  # (G, H, N, d)
+        return GroupedKeyValues(k[self.first : self.last], v[self.first : self.last], self.runs)  # (G, H, N, d)
 
     def __iter__(self) -> Iterator[GroupedKeyValues]:
         return (self[layer] for layer in range(len(self)))

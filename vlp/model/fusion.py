@@ -29,25 +29,30 @@ class GroupedKeyValues:
     attend in one call. Exact, because cross-attention has no mask: each query row sees its image's keys either way.
     """
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, counts: torch.Tensor):
-        if key.shape[0] != counts.shape[0]:
-            raise ValueError(f"{key.shape[0]} images of keys/values but {counts.shape[0]} row counts")
-        self.key, self.value = key, value
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, runs: list[tuple[int, int, int, int]]):
+        self.key, self.value, self.runs = key, value, runs
+        self.rows = runs[-1][1] if runs else 0
+
+    @staticmethod
+    def runs_of(counts: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        """(first row, last row + 1, first image, last image + 1) of each run of images with equal ``counts``."""
         counts = counts.tolist()
-        self.runs = []  # (first row, last row + 1, first image, last image + 1), one per run of equal counts
-        row = image = 0
+        runs, row, image = [], 0, 0
         while image < len(counts):
             end = image
             while end < len(counts) and counts[end] == counts[image]:
                 end += 1
-            self.runs.append((row, row + counts[image] * (end - image), image, end))
+            runs.append((row, row + counts[image] * (end - image), image, end))
             row, image = row + counts[image] * (end - image), end
-        self.rows = row
+        return runs
 
 
 def group_kv(image_kv: list[KeyValue], counts: torch.Tensor) -> list[GroupedKeyValues]:
     """Wrap every layer's keys/values (G, H, N, d) for a batch whose rows are sorted by image, ``counts`` per image."""
-    return [GroupedKeyValues(k, v, counts) for k, v in image_kv]
+    runs = GroupedKeyValues.runs_of(counts)  # the same for every layer
+    if image_kv and image_kv[0][0].shape[0] != counts.shape[0]:
+        raise ValueError(f"{image_kv[0][0].shape[0]} images of keys/values but {counts.shape[0]} row counts")
+    return [GroupedKeyValues(k, v, runs) for k, v in image_kv]
 
 
 class TokenPacking:
