@@ -51,7 +51,7 @@ from vlp.eval.metrics import (
     stable_topk,
     topk_ranks,
 )
-from vlp.model.fusion import GroupedKeyValues, KeyValue
+from vlp.model.fusion import GroupedKeyValues, KeyValue, image_major_order
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +276,9 @@ class RetrievalEvaluator:
         # Image-major order, images with fewer pairs first (a batch's images with equal counts attend in one call),
         # shorter captions first within an image (a batch is cut to its longest caption).
         length = (mask * torch.arange(1, max_len + 1, device=self.device)).amax(dim=1).clamp_min(1)  # (N_txt,)
-        count = torch.bincount(pair_image)[pair_image]
-        image_key = count * (int(pair_image.max()) + 1 if keys.numel() else 1) + pair_image
-        order = (image_key * (max_len + 1) + length[pair_caption]).argsort(stable=True)
-        pair_image, pair_caption = pair_image[order], pair_caption[order]
-        window_images, window_pos = torch.unique_consecutive(pair_image, return_inverse=True)
+        order, window_images, counts = image_major_order(pair_image, length[pair_caption])
+        pair_caption = pair_caption[order]
+        window_pos = torch.repeat_interleave(torch.arange(counts.shape[0], device=self.device), counts)  # (P,)
         logits = torch.empty(keys.shape[0], 2, dtype=torch.float32, device=self.device)
 
         window: list[KeyValue] = []

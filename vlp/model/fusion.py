@@ -55,6 +55,29 @@ def group_kv(image_kv: list[KeyValue], counts: torch.Tensor) -> list[GroupedKeyV
     return [GroupedKeyValues(k, v, runs) for k, v in image_kv]
 
 
+def image_major_order(
+    pair_image: torch.Tensor, within: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pair order that :func:`group_kv` needs, with the distinct images and their pair counts in that order.
+
+    Pairs are sorted by their image's pair count, then by image (so images with equal counts form runs), then by
+    ``within`` (non-negative integers, e.g. caption lengths). Returns ``(order (P,), images (G,), counts (G,))``:
+    ``pair_image[order]`` is ``images`` repeated ``counts`` times.
+    """
+    images, pair_to_image, counts = torch.unique(pair_image, return_inverse=True, return_counts=True)
+
+    # Rank of each distinct image in (count, image id) order; torch.unique already sorted the ids.
+    by_count = counts.argsort(stable=True)  # (G,)
+    slot = torch.empty_like(by_count)
+    slot[by_count] = torch.arange(by_count.shape[0], device=by_count.device)
+
+    # Pair keys: the image's slot, refined by ``within``.
+    key = slot[pair_to_image]  # (P,)
+    if within is not None and within.numel():
+        key = key * (int(within.max()) + 1) + within
+    return key.argsort(stable=True), images[by_count], counts[by_count]
+
+
 class TokenPacking:
     """The valid tokens of a right-padded (B, L) batch, packed to (T, D) for the linear layers.
 

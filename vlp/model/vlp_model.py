@@ -14,7 +14,7 @@ from vlp.dist import all_gather_nograd, all_gather_with_grad, rank_offset
 from vlp.losses import contrastive_loss, itc_loss, itm_loss, positive_targets, sample_hard_negatives
 from vlp.model.config import ModelConfig
 from vlp.model.encoders import ImageEncoder, TextEncoder
-from vlp.model.fusion import FusionEncoder, GroupedKeyValues, KeyValue, group_kv
+from vlp.model.fusion import FusionEncoder, GroupedKeyValues, KeyValue, group_kv, image_major_order
 from vlp.model.queue import FeatureQueue
 from vlp.model.tokenizer import load_tokenizer
 
@@ -243,12 +243,8 @@ class VLPModel(nn.Module):
 
         # Pairs sorted by image, images with equal pair counts adjacent: each distinct image's cross-attention
         # keys and values are computed once and shared by its pairs without copies (GroupedKeyValues).
-        images, pair_to_image, counts = torch.unique(image_index, return_inverse=True, return_counts=True)
-        by_count = counts.argsort(stable=True)  # image order in the batch
-        slot = torch.empty_like(by_count)
-        slot[by_count] = torch.arange(by_count.shape[0], device=by_count.device)
-        order = slot[pair_to_image].argsort(stable=True)  # pair order in the batch
-        image_kv = group_kv(self.fusion.image_kv(image_embeds[images[by_count]]), counts[by_count])
+        order, images, counts = image_major_order(image_index)
+        image_kv = group_kv(self.fusion.image_kv(image_embeds[images]), counts)
         text_rows = pair_to_text[order]
         logits = self.itm_logits(
             attended[text_rows], text_mask[texts][text_rows], image_kv=image_kv, text_attended=True
