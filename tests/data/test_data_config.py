@@ -31,6 +31,7 @@ def test_defaults_validate_and_describe_synthetic():
         ({"num_workers": -1}, "data.num_workers"),
         ({"max_words": 0}, "data.max_words"),
         ({"synthetic_captions_per_image": 9}, "data.synthetic_captions_per_image"),
+        ({"synthetic_family_size": 3}, "data.synthetic_family_size"),  # does not divide batch_size 32
         ({"name": "json"}, "data.train_file"),
         ({"name": "webdataset"}, "data.shards"),
         ({"name": "webdataset", "shards": "x.tar", "resampled": True}, "data.epoch_size"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from vlp.data.sampler import ShardedSampler, eval_shard_indices
@@ -114,3 +116,49 @@ def test_dataset_pad_items_are_dropped_silently(build_dm, tokenizer):
     assert ds[4] == {"pad": True, "index": 1}
     batch = ImageTextCollator(tokenizer, 16, 32)([ds[0], ds[4], ds[2]])
     assert batch["index"].tolist() == [0, 2] and batch["skipped"] == [] and batch["raw_size"] == 3
+
+
+@pytest.mark.parametrize(("n", "world", "group"), [(24, 1, 4), (24, 2, 4), (22, 3, 2), (10, 4, 3), (5, 2, 6)])
+def test_groups_stay_whole_in_one_batch_of_one_rank(n, world, group):
+    batch = 2 * group
+    samplers, per_rank = _ranks(n, world, shuffle=True, seed=7, batch_size=batch, group_size=group)
+
+    # Every sample once, equal lengths (a whole number of groups per rank), padding encoded as index + n.
+    groups_per_rank = math.ceil(math.ceil(n / group) / world)
+    assert {len(indices) for indices in per_rank} == {groups_per_rank * group}
+    assert sorted(i for indices in per_rank for i in indices if i < n) == list(range(n))
+    assert all(n <= i < 2 * n for indices in per_rank for i in indices if i >= n)
+
+    # Each aligned run of `group` slots holds one group's members in order (or padding), so a batch whose size
+    # is a multiple of the group size never splits a group.
+    for indices in per_rank:
+        for start in range(0, len(indices), group):
+            real = [i for i in indices[start : start + group] if i < n]
+            if real:
+                assert real == list(range(real[0], real[0] + len(real))) and real[0] % group == 0
+
+
+def test_group_size_one_is_the_plain_sampler_and_groups_reshuffle():
+    _, plain = _ranks(30, 3, shuffle=True, seed=2, batch_size=4)
+    _, grouped = _ranks(30, 3, shuffle=True, seed=2, batch_size=4, group_size=1)
+    assert plain == grouped
+    _, epoch0 = _ranks(30, 1, epoch=0, batch_size=6, group_size=3)
+    _, epoch1 = _ranks(30, 1, epoch=1, batch_size=6, group_size=3)
+    assert epoch0 != epoch1 and sorted(epoch0[0]) == sorted(epoch1[0])
+
+
+def test_group_size_must_divide_batch_and_is_part_of_the_resume_state():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        ShardedSampler(10, batch_size=4, group_size=3)
+    state = ShardedSampler(12, batch_size=4, group_size=2).state_dict()
+    with pytest.raises(ValueError, match="group_size"):
+        ShardedSampler(12, batch_size=4, group_size=4).load_state_dict(state)
+
+
+def test_synthetic_families_reach_the_model_together(build_dm):
+    dm = build_dm(synthetic_train_size=16, synthetic_family_size=2, batch_size=4)
+    dm.setup("fit")
+    batches = [batch["index"].tolist() for batch in dm.train_dataloader()]
+    assert sorted(i for b in batches for i in b) == list(range(16))
+    for b in batches:
+        assert sorted(b) == sorted({i - i % 2 for i in b} | {i - i % 2 + 1 for i in b})  # whole families

@@ -98,3 +98,26 @@ def test_large_objects_cover_more_pixels_than_small_ones():
             ratios.append(_colour_mask(img, large.colour).sum() / max(1, _colour_mask(img, small.colour).sum()))
     assert len(ratios) >= 3
     assert min(ratios) > 2.0
+
+
+def test_training_families_are_a_scene_and_its_one_attribute_swaps():
+    scenes = SyntheticScenes(0, "train", 400, family_size=4)
+    swaps_seen = set()
+    for base in range(0, 400, 4):
+        family = [scenes.scene(base + m) for m in range(4)]
+        # Four different scenes (no false negatives inside a batch); the same family from any member's index.
+        assert len({s.canonical() for s in family}) == 4
+        assert scenes.scene(base + 3) == SyntheticScenes(0, "train", 400, family_size=4).scene(base + 3)
+        # Members after the first swap one attribute of it (colour and relation always can; shape, size and count
+        # only where the groups differ); fresh scenes fill in where fewer swaps exist.
+        distinct_swaps = {family[0].swap(a).canonical() for a in SWAPPABLE} - {family[0].canonical()}
+        for position, member in enumerate(family[1:], start=1):
+            matches = [a for a in SWAPPABLE if family[0].swap(a).canonical() == member.canonical()]
+            assert bool(matches) == (position <= len(distinct_swaps)), (family[0], member)
+            swaps_seen.update(matches)
+    assert swaps_seen == set(SWAPPABLE)
+
+
+def test_family_size_is_checked():
+    with pytest.raises(ValueError, match="family_size"):
+        SyntheticScenes(0, "train", 10, family_size=7)

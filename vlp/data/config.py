@@ -82,6 +82,9 @@ class DataConfig:
     synthetic_eval_size: int = 500
     synthetic_captions_per_image: int = 5
     synthetic_image_size: int = 64
+    # Training scenes in families of this many (a scene and its one-attribute swaps), each family in one batch:
+    # compositional hard negatives for ITC and ITM in every batch. 1: independent scenes.
+    synthetic_family_size: int = 1
     seed: int = 0
 
     # Hugging Face datasets and webdataset shards.
@@ -150,7 +153,13 @@ class DataConfig:
             _positive(f"data.{key}", getattr(self, key), allow_zero=True)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"data.num_workers must be an integer >= 0 (got {self.num_workers!r})")
-        from vlp.data.synthetic import TEMPLATES
+        from vlp.data.synthetic import MAX_FAMILY_SIZE, TEMPLATES
+
+        if not 1 <= self.synthetic_family_size <= MAX_FAMILY_SIZE or self.batch_size % self.synthetic_family_size:
+            raise ValueError(
+                f"data.synthetic_family_size must be between 1 and {MAX_FAMILY_SIZE} and divide data.batch_size="
+                f"{self.batch_size} (got {self.synthetic_family_size})"
+            )
 
         if not 1 <= self.synthetic_captions_per_image <= len(TEMPLATES):
             raise ValueError(

@@ -115,7 +115,9 @@ class VLPDataModule(L.LightningDataModule):
 
         # Synthetic scenes, generated on the fly.
         if c.name == "synthetic":
-            scenes = SyntheticScenes(c.seed, "train", c.synthetic_train_size, c.synthetic_image_size)
+            scenes = SyntheticScenes(
+                c.seed, "train", c.synthetic_train_size, c.synthetic_image_size, family_size=c.synthetic_family_size
+            )
             return ImageTextDataset(
                 SyntheticPairs(scenes, c.synthetic_captions_per_image), self.train_transform, **picker_args
             )
@@ -237,6 +239,10 @@ class VLPDataModule(L.LightningDataModule):
     # -----------------------------------------------------------------------------------------------------------
     # Loaders
 
+    def _train_group_size(self) -> int:
+        """Indices the sampler keeps together in one batch: a synthetic scene family, else single samples."""
+        return self.cfg.synthetic_family_size if self.cfg.name == "synthetic" else 1
+
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
@@ -254,7 +260,7 @@ class VLPDataModule(L.LightningDataModule):
             self._pending_sampler_state = self.train_sampler.state_dict()
         self.train_sampler = ShardedSampler(
             len(self.train_dataset), world, rank, shuffle=True, seed=c.seed, batch_size=c.batch_size,
-            on_epoch=self.train_dataset.set_epoch,
+            on_epoch=self.train_dataset.set_epoch, group_size=self._train_group_size(),
         )  # fmt: skip
         if self._pending_sampler_state is not None:
             self.train_sampler.load_state_dict(self._pending_sampler_state)

@@ -5,6 +5,8 @@ Training (:class:`ShardedSampler`)
     multiple of ``num_replicas`` and dealt out strided, so each rank gets ``ceil(N / world)`` indices and DDP never
     waits on a rank that ran out. Padding slots are encoded as ``index + num_samples``: the dataset returns
     ``dict(pad=True)`` for them and the collator drops them silently, so no sample is trained on twice.
+    With ``group_size`` g, groups of g consecutive indices are permuted and dealt as units, so a group (e.g. a
+    synthetic scene family) always lands in one batch of one rank (the batch size must be a multiple of g).
 
 Resume protocol
     ``start`` counts the indices of this rank already consumed in the current epoch. The training loop reports
@@ -43,6 +45,7 @@ class ShardedSampler(Sampler[int]):
         seed: int = 0,
         batch_size: int = 1,
         on_epoch: Callable[[int], None] | None = None,
+        group_size: int = 1,
     ) -> None:
         # Arguments.
         if num_samples < 0 or num_replicas < 1 or not 0 <= rank < num_replicas or batch_size < 1:
@@ -50,13 +53,16 @@ class ShardedSampler(Sampler[int]):
                 f"invalid sampler arguments: num_samples={num_samples}, num_replicas={num_replicas}, rank={rank}, "
                 f"batch_size={batch_size} (need num_samples >= 0, 0 <= rank < num_replicas, batch_size >= 1)"
             )
+        if group_size < 1 or batch_size % group_size != 0:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of group_size={group_size} (>= 1)")
         self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
-        self.shuffle, self.seed, self.batch_size = shuffle, seed, batch_size
+        self.shuffle, self.seed, self.batch_size, self.group_size = shuffle, seed, batch_size, group_size
         # Called with the new epoch so the dataset can re-draw per-epoch choices (captions) in step.
         self.on_epoch = on_epoch
 
-        # Equal share per rank; the shortfall of the last round is padding.
-        self.per_rank = -(-num_samples // num_replicas)
+        # Equal share of groups per rank; the shortfall of the last round is padding.
+        num_groups = -(-num_samples // group_size)
+        self.per_rank = -(-num_groups // num_replicas) * group_size
         self.epoch = 0
         self.start = 0
 
@@ -74,14 +80,23 @@ class ShardedSampler(Sampler[int]):
         self.start = min(self.per_rank, self.start + (self.batch_size if n is None else int(n)))
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start": self.start, "num_samples": self.num_samples, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "start": self.start,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "group_size": self.group_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         # A different dataset or seed means the stored position refers to another order: refuse.
-        if state.get("num_samples", self.num_samples) != self.num_samples or state.get("seed", self.seed) != self.seed:
+        saved = (state.get("num_samples", self.num_samples), state.get("seed", self.seed), state.get("group_size", 1))
+        if saved != (self.num_samples, self.seed, self.group_size):
             raise ValueError(
-                f"sampler state was saved for num_samples={state.get('num_samples')} seed={state.get('seed')}, "
-                f"but this run has num_samples={self.num_samples} seed={self.seed} (data changed since the checkpoint)"
+                "sampler state was saved for num_samples={} seed={} group_size={}, but this run has num_samples={} "
+                "seed={} group_size={} (data changed since the checkpoint)".format(
+                    *saved, self.num_samples, self.seed, self.group_size
+                )
             )
         self.epoch, self.start = int(state["epoch"]), int(state["start"])
         # A fully consumed epoch resumes at the start of the next one.
@@ -93,19 +108,25 @@ class ShardedSampler(Sampler[int]):
     def rank_indices(self, epoch: int | None = None) -> torch.Tensor:
         """All indices of this rank for ``epoch`` (default: current), padding encoded as index + num_samples."""
         epoch = self.epoch if epoch is None else epoch
-        n, world = self.num_samples, self.num_replicas
+        n, world, g = self.num_samples, self.num_replicas, self.group_size
 
-        # Same permutation on every rank: seeded only by seed and epoch.
+        # Same permutation of groups (g consecutive indices) on every rank: seeded only by seed and epoch.
+        num_groups = -(-n // g)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.randperm(num_groups, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
-            order = torch.arange(n)
+            order = torch.arange(num_groups)
 
-        # Pad to world * per_rank with re-encoded copies of the first indices, then deal out strided.
-        # (With fewer samples than ranks the copies wrap around the order.)
-        pad = self.per_rank * world - n
-        padded = torch.cat([order, order[torch.arange(pad) % max(n, 1)] + n])  # (per_rank * world,)
-        return padded[self.rank :: world]  # (per_rank,)
+        # Pad to world * groups per rank with copies of the first groups, deal groups out strided, then expand
+        # each group to its indices. Padding (copies, and the missing tail of a short last group) is re-encoded
+        # as index + n. (With fewer groups than ranks the copies wrap around the order.)
+        pad = self.per_rank // g * world - num_groups
+        groups = torch.cat([order, order[torch.arange(pad) % max(num_groups, 1)]])  # (per_rank / g * world,)
+        is_copy = torch.arange(groups.shape[0]) >= num_groups
+        mine, mine_copy = groups[self.rank :: world], is_copy[self.rank :: world]  # (per_rank / g,)
+        indices = mine[:, None] * g + torch.arange(g)  # (per_rank / g, g)
+        padding = mine_copy[:, None] | (indices >= n)
+        return torch.where(padding, indices % max(n, 1) + n, indices).flatten()  # (per_rank,)
 
     def __iter__(self) -> Iterator[int]:
         # A second pass over an epoch that was fully consumed without set_epoch starts it over.

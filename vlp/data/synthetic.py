@@ -41,6 +41,8 @@ _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 # About 35k distinct scenes exist (30 colour pairs x 16 shape pairs x 4 size pairs x 9 count pairs x 4 relations,
 # halved by the A/B symmetry); unique evaluation splits stay well below that.
 MAX_UNIQUE_SCENES = 10000
+# A training family holds a scene and up to five one-attribute swaps of it (see scene_family).
+MAX_FAMILY_SIZE = 6
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,24 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return Scene(a=a, relation=relation, b=group(cb))
 
 
+def scene_family(rng: np.random.Generator, size: int) -> list[Scene]:
+    """A sampled scene followed by ``size - 1`` distinct scenes that each swap one attribute of it (hard negatives).
+
+    Only swaps that change the facts count (swapping two equal sizes changes nothing, and exchanging the objects
+    states the same facts as flipping the relation); with too few of them, fresh scenes fill the family.
+    """
+    base = sample_scene(rng)
+    family, seen = [base], {base.canonical()}
+    for attribute in rng.permutation(SWAPPABLE):
+        swapped = base.swap(str(attribute))
+        if len(family) < size and swapped.canonical() not in seen:
+            family.append(swapped)
+            seen.add(swapped.canonical())
+    while len(family) < size:
+        family.append(sample_scene(rng))
+    return family
+
+
 def scene_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
     """Independent deterministic stream per (seed, split, index); stream 0 = facts, 1 = layout and noise."""
     return np.random.default_rng([seed, _SPLIT_CODES[split], index, stream])
@@ -194,12 +214,28 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 class SyntheticScenes:
     """Scenes of one split. Training scenes are drawn on demand (any size, O(1) memory); evaluation scenes are
-    drawn up front and kept unique, so no two gallery images share a caption (retrieval stays well defined)."""
+    drawn up front and kept unique, so no two gallery images share a caption (retrieval stays well defined).
 
-    def __init__(self, seed: int, split: str, size: int, image_size: int = 64, unique: bool | None = None) -> None:
+    With ``family_size`` g > 1, scenes drawn on demand come in families of g consecutive indices (a scene and its
+    one-attribute swaps, :func:`scene_family`); a sampler that keeps each family in one batch
+    (``ShardedSampler(group_size=g)``) then puts compositional hard negatives in every batch.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        split: str,
+        size: int,
+        image_size: int = 64,
+        unique: bool | None = None,
+        family_size: int = 1,
+    ) -> None:
         if split not in _SPLIT_CODES:
             raise ValueError(f"split must be one of {tuple(_SPLIT_CODES)} (got {split!r})")
+        if not 1 <= family_size <= MAX_FAMILY_SIZE:
+            raise ValueError(f"family_size must be between 1 and {MAX_FAMILY_SIZE} (got {family_size})")
         self.seed, self.split, self.size, self.image_size = seed, split, size, image_size
+        self.family_size = family_size
         # Uniqueness needs rejection sampling, which stalls as the split nears the number of distinct scenes.
         unique = (split != "train" and size <= MAX_UNIQUE_SCENES) if unique is None else unique
         if unique and size > MAX_UNIQUE_SCENES:
@@ -212,7 +248,11 @@ class SyntheticScenes:
     def scene(self, index: int) -> Scene:
         if self._scenes is not None:
             return self._scenes[index]
-        return sample_scene(scene_rng(self.seed, self.split, index))
+        if self.family_size == 1:
+            return sample_scene(scene_rng(self.seed, self.split, index))
+        # Families: member m of the family starting at ``base`` is the base scene with one attribute swapped.
+        base, member = index - index % self.family_size, index % self.family_size
+        return scene_family(scene_rng(self.seed, self.split, base), self.family_size)[member]
 
     def image(self, index: int) -> Image.Image:
         return render_scene(self.scene(index), self.image_size, scene_rng(self.seed, self.split, index, stream=1))
