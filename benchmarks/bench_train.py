@@ -46,6 +46,7 @@ COMPARISONS = (  # (ours, peer, target ratio of pairs/s)
     ("vlp_b", "blip_forward", 1.3),
     ("vlp_b", "blip_reuse", 1.3),
 )
+DDP_CHOICES = ("auto", "on", "off")
 ITM_IMAGES, ITM_CAPTIONS = 4, 32  # one ITM call scores every caption against every image: 128 pairs
 
 
@@ -95,10 +96,51 @@ def adamw(params) -> torch.optim.AdamW:
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4, weight_decay=0.02)
 
 
-def finish_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+class LossModule(torch.nn.Module):
+    """A system's trainable modules and its loss as one forward(), so that DDP sees one forward per backward."""
+
+    def __init__(self, loss_fn, *modules: torch.nn.Module, params: tuple[torch.nn.Parameter, ...] = ()):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
+        self.extra = torch.nn.ParameterList(params)  # e.g. a learnable temperature kept outside the model
+        self.loss_fn = loss_fn
+
+    def forward(self) -> torch.Tensor:
+        return self.loss_fn()
+
+
+def training_step(loss_module: LossModule, device: torch.device, ddp: bool, after_step=None):
+    """() -> None: forward under autocast, backward, AdamW step; through DistributedDataParallel when ``ddp``."""
+    optimizer = adamw(loss_module.parameters())
+    runner = wrap_ddp(loss_module, device) if ddp else loss_module
+
+    def step():
+        with common.autocast(device):
+            loss = runner()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+
+    return step
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The DDP strategy on one device, as configs/trainer/ddp.yaml sets it (a process group of one per worker).
+
+    The rendezvous is a file, so no port is opened for it: NCCL on CUDA, gloo on CPU.
+    """
+    import tempfile
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not torch.distributed.is_initialized():
+        store = tempfile.NamedTemporaryFile(prefix="vlp_bench_ddp_", delete=False).name
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    device_ids = [device.index or 0] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def vlp_config(mode: str):
@@ -128,20 +170,15 @@ def fill_queue(model) -> None:
     queue.enqueue(feats[0], feats[1], ids)
 
 
-def build_vlp(mode: str, device: torch.device) -> System:
+def build_vlp(mode: str, device: torch.device, ddp: bool) -> System:
     from vlp.model import VLPModel
 
     model = VLPModel(vlp_config(mode)).to(device).train()
     if model.queue is not None:
         fill_queue(model)
-    optimizer = adamw(model.parameters())
     batch = make_batch(len(model.tokenizer), device)
-
-    def step():
-        with common.autocast(device):
-            loss = model(batch)["loss"]
-        finish_step(loss, optimizer)
-        model.after_optimizer_step()
+    loss_module = LossModule(lambda: model(batch)["loss"], model)
+    step = training_step(loss_module, device, ddp, after_step=model.after_optimizer_step)
 
     system = System(f"vlp_{mode}", model, step, info=vlp_info(model))
     if mode == "b":
@@ -160,7 +197,7 @@ def vlp_info(model) -> dict[str, Any]:
     }
 
 
-def build_open_clip(device: torch.device) -> System:
+def build_open_clip(device: torch.device, ddp: bool) -> System:
     from open_clip.loss import ClipLoss
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
@@ -168,15 +205,13 @@ def build_open_clip(device: torch.device) -> System:
     text = CLIPTextCfg(context_length=TEXT_LEN, vocab_size=vocab_size(), width=WIDTH, heads=HEADS, layers=DEPTH)
     vision.mlp_ratio = text.mlp_ratio = MLP / WIDTH
     model = CLIP(EMBED, vision_cfg=vision, text_cfg=text).to(device).train()
-    loss_fn, optimizer = ClipLoss(), adamw(model.parameters())
-    batch = make_batch(vocab_size(), device)
+    clip_loss, batch = ClipLoss(), make_batch(vocab_size(), device)
 
-    def step():
-        with common.autocast(device):
-            image_features, text_features, logit_scale = model(batch["image"], batch["input_ids"])
-            loss = loss_fn(image_features, text_features, logit_scale)
-        finish_step(loss, optimizer)
+    def loss_fn():
+        image_features, text_features, logit_scale = model(batch["image"], batch["input_ids"])
+        return clip_loss(image_features, text_features, logit_scale)
 
+    step = training_step(LossModule(loss_fn, model), device, ddp)
     return System("open_clip", model, step, info={"attention": "torch.nn.MultiheadAttention"})
 
 
@@ -216,21 +251,20 @@ def itm_labels(batch_size: int, device: torch.device) -> torch.Tensor:
     return labels
 
 
-def build_blip(reuse: bool, device: torch.device) -> System:
+def build_blip(reuse: bool, device: torch.device, ddp: bool) -> System:
     from transformers import BlipForImageTextRetrieval
 
     model = BlipForImageTextRetrieval(blip_config()).to(device).train()
     temp = torch.nn.Parameter(torch.tensor(0.07, device=device))  # the learnable temperature users add
-    optimizer = adamw(list(model.parameters()) + [temp])
     batch = make_batch(vocab_size(), device)
-    loss_fn = blip_reuse_loss if reuse else blip_forward_loss
+    blip_loss = blip_reuse_loss if reuse else blip_forward_loss
 
-    def step():
+    def loss_fn():
         with torch.no_grad():
             temp.clamp_(0.001, 0.5)
-        with common.autocast(device):
-            loss = loss_fn(model, batch, temp)
-        finish_step(loss, optimizer)
+        return blip_loss(model, batch, temp)
+
+    step = training_step(LossModule(loss_fn, model, params=(temp,)), device, ddp)
 
     info = {"text_attention": "BlipTextSelfAttention (eager matmul + softmax)", "vision_attention": "eager"}
     system = System("blip_reuse" if reuse else "blip_forward", model, step, info=info)
@@ -328,14 +362,14 @@ def blip_itm_scorers(model, batch, device: torch.device) -> dict[str, Any]:
 # ----- worker process ----------------------------------------------------------------------------------------
 
 
-def build_system(name: str, device: torch.device) -> System:
+def build_system(name: str, device: torch.device, ddp: bool = False) -> System:
     builders = {
-        "vlp_a": lambda: build_vlp("a", device),
-        "vlp_b": lambda: build_vlp("b", device),
-        "vlp_c": lambda: build_vlp("c", device),
-        "open_clip": lambda: build_open_clip(device),
-        "blip_forward": lambda: build_blip(False, device),
-        "blip_reuse": lambda: build_blip(True, device),
+        "vlp_a": lambda: build_vlp("a", device, ddp),
+        "vlp_b": lambda: build_vlp("b", device, ddp),
+        "vlp_c": lambda: build_vlp("c", device, ddp),
+        "open_clip": lambda: build_open_clip(device, ddp),
+        "blip_forward": lambda: build_blip(False, device, ddp),
+        "blip_reuse": lambda: build_blip(True, device, ddp),
     }
     return builders[name]()
 
@@ -368,12 +402,12 @@ def measure(system: System, device: torch.device) -> dict[str, Any]:
     return {**out, **system.info}
 
 
-def worker(name: str, device_name: str, conn) -> None:
+def worker(name: str, device_name: str, ddp: bool, conn) -> None:
     """Build one system, then answer (command, arg) requests until told to stop."""
     device = torch.device(device_name)
     try:
         torch.manual_seed(0)
-        system = build_system(name, device)
+        system = build_system(name, device, ddp)
         conn.send(("ok", {"rss_after_build_mb": common.current_rss_mb(), "itm_modes": list(system.itm)}))
     except Exception:  # reported to the parent, which shows a "not run" row
         conn.send(("error", traceback.format_exc()))
@@ -391,12 +425,12 @@ def worker(name: str, device_name: str, conn) -> None:
 class Workers:
     """One process per system; requests go to one process at a time, so only one system computes at once."""
 
-    def __init__(self, names: list[str], device: torch.device):
+    def __init__(self, names: list[str], device: torch.device, ddp: bool = False):
         ctx = mp.get_context("spawn")
         self.conns, self.procs, self.errors, self.build = {}, {}, {}, {}
         for name in names:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker, args=(name, str(device), child), daemon=True)
+            proc = ctx.Process(target=worker, args=(name, str(device), ddp, child), daemon=True)
             proc.start()
             self.conns[name], self.procs[name] = parent, proc
             self._await_build(name)  # one build at a time: builds compete for the same cores
@@ -561,15 +595,27 @@ class RoundConditions:
         return max(self.peaks)
 
 
-def run(quick: bool = False, device_name: str | None = None, profile: bool = False, systems=TRAIN_SYSTEMS) -> dict:
+def use_ddp(choice: str, device: torch.device) -> bool:
+    """``auto``: the DDP strategy on one device on GPUs (as a GPU run trains), plain modules on CPUs."""
+    return device.type == "cuda" if choice == "auto" else choice == "on"
+
+
+def run(
+    quick: bool = False,
+    device_name: str | None = None,
+    profile: bool = False,
+    systems=TRAIN_SYSTEMS,
+    ddp: str = "auto",
+) -> dict:
     """The whole training and ITM benchmark; returns the JSON payload."""
     device = common.pick_device(device_name)
+    wrap = use_ddp(ddp, device)
     dtype = common.compute_dtype(device)
     peak_size = 2048 if device.type == "cpu" else 8192
     warmup, timed = round_counts(quick, device)
     conditions = RoundConditions(device, dtype, peak_size)
 
-    workers = Workers(list(systems), device)
+    workers = Workers(list(systems), device, wrap)
     try:
         args = {name: (name, 1) for name in workers.alive}
         times = run_rounds(workers, workers.alive, "train", args, warmup, timed, on_round=conditions.record)
@@ -584,6 +630,7 @@ def run(quick: bool = False, device_name: str | None = None, profile: bool = Fal
         "machine": common.machine_info(device),
         "sizes": sizes(),
         "precision": str(dtype),
+        "strategy": "DistributedDataParallel, one process per system (world size 1)" if wrap else "single device",
         "matmul_peak": {"flops_per_s": conditions.peak(), "size": peak_size, "dtype": str(dtype)}
         | {"per_round": conditions.peaks},
         "rounds": {"warmup": warmup, "timed": timed, "load_average_1min": conditions.loads},
@@ -620,12 +667,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile every comparison, not only missed ones")
     parser.add_argument("--systems", nargs="+", choices=TRAIN_SYSTEMS, default=list(TRAIN_SYSTEMS))
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--ddp", choices=DDP_CHOICES, default="auto", help="auto: on for cuda, off for cpu")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    payload = run(args.quick, args.device, args.profile, tuple(args.systems))
+    payload = run(args.quick, args.device, args.profile, tuple(args.systems), args.ddp)
     common.write_json(args.out / "train.json", payload)
     return payload
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared call for a GPU machine: every benchmark once, on cuda with bf16 autocast.
+# The one prepared call for a GPU machine: every benchmark once, on cuda with bf16 autocast, each training system
+# through DistributedDataParallel on one device (the DDP strategy of configs/trainer/ddp.yaml; --ddp off to compare).
 #
 #   bash benchmarks/gpu.sh            # results under $OUT when set, else benchmarks/results
 #   bash benchmarks/gpu.sh --profile  # extra arguments go to benchmarks/run.py

@@ -261,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--profile", action="store_true", help="profile every comparison, not only missed ones")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or common.RESULTS_DIR))
+    parser.add_argument("--ddp", choices=bench_train.DDP_CHOICES, default="auto", help="auto: on for cuda only")
     parser.add_argument("--skip", nargs="*", default=[], choices=("train", "eval", "data"))
     parser.add_argument("--script-timeout", type=int, default=1800, help="seconds allowed to each other script")
     return parser.parse_args(argv)
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     skipped = {"status": "not run", "reason": "skipped with --skip"}
 
     # Training and ITM first: the numbers the targets are about.
-    train = bench_train.run(args.quick, device, args.profile) if "train" not in args.skip else None
+    train = bench_train.run(args.quick, device, args.profile, ddp=args.ddp) if "train" not in args.skip else None
     if train is not None:
         common.write_json(args.out / "train.json", train)
     scripts = {key: skipped if key in args.skip else run_script(key, args, device) for key in PEER_SCRIPTS}
