@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vlp.model import vlp_model
 from vlp.train.config import load_config
 from vlp.train.module import VLPLightningModule
 
@@ -145,26 +144,6 @@ def test_alpha_ramp_steps_overrides_the_epoch(compose, tiny):
     module = _module(compose, tiny, "model.alpha=0.4", "optim.alpha_ramp_steps=0")
     recorder = _fit(module, _batches(module, 2))
     assert [m["train/alpha"] for m in recorder.metrics] == pytest.approx([0.4, 0.4])
-
-
-def test_itm_hardness_ramps_from_random_to_hard_negatives(compose, tiny, monkeypatch):
-    module = _module(compose, tiny, "optim.itm_hardness_ramp_steps=4")
-    seen = []
-    original = vlp_model.sample_hard_negatives
-    monkeypatch.setattr(vlp_model, "sample_hard_negatives", lambda sim, ids: (seen.append(sim), original(sim, ids))[1])
-    recorder = _fit(module, _batches(module, 3))
-    assert [m["train/itm_hardness"] for m in recorder.metrics] == pytest.approx([0.0, 0.25, 0.5])
-    assert torch.equal(seen[0], torch.zeros_like(seen[0]))  # step 0: every negative equally likely (random)
-    assert seen[1].abs().max() > 0
-
-    # The model scales the similarities it samples from by the hardness, exactly.
-    batch = _batches(module, 1)[0]
-    seen.clear()
-    for hardness in (1.0, 0.25):
-        torch.manual_seed(0)
-        module.model(batch, itm_hardness=hardness)
-    torch.testing.assert_close(seen[1], seen[0] * 0.25)
-    module.model._pending.clear()
 
 
 def test_logged_losses_are_the_model_outputs(compose, tiny):

@@ -130,14 +130,8 @@ class VLPModel(nn.Module):
 
     # ----- training -------------------------------------------------------------------------------------------
 
-    def forward(
-        self, batch: dict[str, torch.Tensor], alpha: float | None = None, itm_hardness: float = 1.0
-    ) -> dict[str, torch.Tensor]:
-        """Losses and metrics for a batch with ``image``, ``input_ids``, ``attention_mask`` and ``image_id``.
-
-        ``alpha`` is the distillation weight (default ``model.alpha``); ITM negatives are drawn from
-        softmax(itm_hardness * sim / temperature): 1 gives ALBEF's hard negatives, 0 uniformly random ones.
-        """
+    def forward(self, batch: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
+        """Losses and metrics for a batch with ``image``, ``input_ids``, ``attention_mask`` and ``image_id``."""
         alpha = self.cfg.alpha if alpha is None else alpha
         temperature = self.temperature()
         image_ids = batch["image_id"]
@@ -155,7 +149,7 @@ class VLPModel(nn.Module):
         loss = out["itc_loss"]
         if self.cfg.itm:
             itm_inputs = (image_embeds, text_embeds, batch["attention_mask"], image_feat, text_feat, image_ids)
-            out.update(self._itm(*itm_inputs, temperature, itm_hardness))
+            out.update(self._itm(*itm_inputs, temperature))
             loss = loss + out["itm_loss"]
         out["loss"] = loss
         return out
@@ -217,16 +211,14 @@ class VLPModel(nn.Module):
             offset,
         )
 
-    def _itm(self, image_embeds, text_embeds, text_mask, image_feat, text_feat, image_ids, temperature, hardness):
+    def _itm(self, image_embeds, text_embeds, text_mask, image_feat, text_feat, image_ids, temperature):
         batch_size = image_embeds.shape[0]
         cand = self._itm_candidates(image_embeds, text_embeds, text_mask, image_feat, text_feat, image_ids)
         cand_image_embeds, cand_text_embeds, cand_text_mask, cand_image_feat, cand_text_feat, cand_ids, offset = cand
 
-        # Hard negatives drawn from the ITC similarities (scaled by the hardness; 0: uniform); this rank keeps the
-        # draws for its own rows.
+        # Hard negatives drawn from the ITC similarities; this rank keeps the draws for its own rows.
         with torch.no_grad():
             sim_i2t = cand_image_feat.float() @ cand_text_feat.float().t() / temperature  # (B_cand, B_cand)
-            sim_i2t = sim_i2t if hardness == 1.0 else sim_i2t * hardness
             neg_text, neg_image = sample_hard_negatives(sim_i2t, cand_ids)
             neg_text, neg_image = neg_text[offset : offset + batch_size], neg_image[offset : offset + batch_size]
         has_neg_text, has_neg_image = neg_text >= 0, neg_image >= 0

@@ -60,10 +60,6 @@ class OptimConfig:
     )
     # Distillation weight ramps from 0 to model.alpha over this many optimizer steps; None: the first epoch.
     alpha_ramp_steps: int | None = None
-    # ITM negatives are drawn from softmax(h * sim / temperature), h ramping from 0 (uniform: random negatives)
-    # to 1 (ALBEF's hard negatives) over this many optimizer steps. 0: hard from the first step (ALBEF). From
-    # random towers the ITM head learns nothing from hard negatives alone (measured on the demo), so it needs a ramp.
-    itm_hardness_ramp_steps: int = 0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # OmegaConf hands over a list
@@ -80,7 +76,6 @@ class OptimConfig:
             (0 < self.layer_decay <= 1, "optim.layer_decay must lie in (0, 1] (1 disables it)"),
             (self.new_module_lr_mult > 0, "optim.new_module_lr_mult must be positive"),
             (self.alpha_ramp_steps is None or self.alpha_ramp_steps >= 0, "optim.alpha_ramp_steps must be >= 0"),
-            (self.itm_hardness_ramp_steps >= 0, "optim.itm_hardness_ramp_steps must be >= 0"),
         ]
         for ok, message in checks:
             _fail_unless(ok, message)

@@ -132,11 +132,6 @@ class VLPLightningModule(L.LightningModule):
             return self.cfg.model.alpha
         return self.cfg.model.alpha * min(1.0, self.global_step / ramp)
 
-    def itm_hardness(self) -> float:
-        """Weight h of the ITC similarities when drawing ITM negatives: min(1, step / optim.itm_hardness_ramp_steps)."""
-        ramp = self.cfg.optim.itm_hardness_ramp_steps
-        return 1.0 if ramp == 0 else min(1.0, self.global_step / ramp)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         # Every rank must take the same branch: a skip on one rank and a backward on another would hang DDP.
         # A batch whose samples were all skipped by the data layer (B = 0) skips the step everywhere.
@@ -148,7 +143,7 @@ class VLPLightningModule(L.LightningModule):
             return None
 
         pending = len(self.model._pending)
-        out = self.model(batch, alpha=self.alpha(), itm_hardness=self.itm_hardness())
+        out = self.model(batch, alpha=self.alpha())
 
         # One all-reduce gives both the skip decision and the world means of the logged terms.
         world_sums = world_sum_of_outputs(out)
@@ -180,7 +175,6 @@ class VLPLightningModule(L.LightningModule):
         if "itm_invalid_rows" in world_sums:
             metrics["train/itm_invalid_rows"] = world_sums["itm_invalid_rows"]
         metrics["train/alpha"] = self.alpha()
-        metrics["train/itm_hardness"] = self.itm_hardness()
         metrics["train/lr"] = self._base_lr()
         metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
         batch_size = int(batch["image"].shape[0])
