@@ -128,3 +128,34 @@ def test_sampler_survives_non_finite_similarities():
     sim = torch.tensor([[float("nan"), 1.0], [float("inf"), 0.0]])
     neg_text, neg_image = sample_hard_negatives(sim)
     assert neg_text.tolist() == [1, 0] and neg_image.tolist() == [1, 0]
+
+
+def test_several_negatives_are_distinct_valid_and_padded_with_minus_one():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 3])  # rows 0 and 1 have 3 valid candidates, the others 4
+    for _ in range(50):
+        sim = torch.randn(5, 5, generator=gen) * 3
+        neg_text, neg_image = sample_hard_negatives(sim, ids, generator=gen, num_negatives=4)
+        for neg in (neg_text, neg_image):
+            assert neg.shape == (5, 4)
+            for row in range(5):
+                drawn = neg[row][neg[row] >= 0]
+                valid = (ids != ids[row]).sum().item()
+                assert len(drawn) == valid and len(set(drawn.tolist())) == valid  # every valid one, once
+                assert (ids[drawn] != ids[row]).all()
+                assert (neg[row][valid:] == -1).all()  # the slots left over
+    # More draws than the batch has columns.
+    assert sample_hard_negatives(torch.zeros(2, 2), num_negatives=3)[0].tolist() == [[1, -1, -1], [0, -1, -1]]
+    with pytest.raises(ValueError, match="num_negatives"):
+        sample_hard_negatives(torch.zeros(2, 2), num_negatives=0)
+
+
+def test_first_of_several_negatives_follows_the_softmax():
+    # Gumbel top-k: the first draw of k is exactly a single softmax draw.
+    sim = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(4, 1).fill_diagonal_(0.0)
+    sim[0] = torch.tensor([0.0, 2.0, 1.0, -1.0])
+    gen = torch.Generator().manual_seed(3)
+    firsts = torch.cat([sample_hard_negatives(sim, generator=gen, num_negatives=2)[0][:1, 0] for _ in range(20000)])
+    expected = torch.tensor([2.0, 1.0, -1.0]).softmax(dim=0)
+    observed = torch.bincount(firsts, minlength=4)[1:].float() / firsts.numel()
+    assert torch.allclose(observed, expected, atol=0.015)

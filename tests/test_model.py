@@ -67,6 +67,27 @@ def test_batches_without_negatives_are_finite_and_counted(model, ids):
     model._pending.clear()
 
 
+def test_several_hard_negatives_per_row_score_one_positive_and_k_negatives_each_way():
+    cfg = tiny_model_config()
+    cfg.itm_hard_negatives = 2
+    torch.manual_seed(0)
+    model = VLPModel(cfg).train()
+    batch = make_batch(model, ids=(0, 1, 2, 3, 0))  # rows 0 and 4 share an image: 3 valid negatives each
+
+    # Record the pairs scored: B positives, then 2 negative captions per image and 2 negative images per caption.
+    pairs = []
+    original = model._itm_pair_logits
+    model._itm_pair_logits = lambda *args: (pairs.append(args[3:]), original(*args))[1]
+    out = model(batch)
+    image_index, text_index = pairs[0]
+    assert len(image_index) == 5 + 2 * 5 + 2 * 5 and out["itm_invalid_rows"] == 0
+    ids = batch["image_id"]
+    assert torch.equal(image_index[:5], torch.arange(5)) and torch.equal(text_index[:5], torch.arange(5))
+    assert (ids[image_index[5:]] != ids[text_index[5:]]).all()  # every negative pairs two different images
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+
+
 def test_fusion_starts_from_the_text_encoders_top_layers():
     torch.manual_seed(0)
     reference = VLPModel(tiny_model_config(itm=True))

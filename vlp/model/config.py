@@ -53,6 +53,7 @@ class ModelConfig:
     temperature_max: float = 0.5
     itm: bool = True
     itm_negatives: str = "local"  # "local" (this rank's batch) or "world" (all ranks, gradient to the producer)
+    itm_hard_negatives: int = 1  # hard negatives drawn per image and per caption (ALBEF, BLIP: 1)
     momentum: bool = True
     momentum_decay: float = 0.995
     queue_size: int = 65536  # 0: no queue
@@ -68,6 +69,7 @@ class ModelConfig:
                 "model.temperature must lie in [model.temperature_min, model.temperature_max]",
             ),
             (self.itm_negatives in ("local", "world"), "model.itm_negatives must be 'local' or 'world'"),
+            (self.itm_hard_negatives >= 1, "model.itm_hard_negatives must be >= 1"),
             (self.queue_size >= 0, "model.queue_size must be >= 0 (0 disables the queue)"),
             (self.momentum or self.queue_size == 0, "model.queue_size > 0 needs model.momentum=true (or queue_size=0)"),
             (self.momentum or not self.distill, "model.distill=true needs model.momentum=true"),

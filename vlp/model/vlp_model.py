@@ -216,17 +216,21 @@ class VLPModel(nn.Module):
         cand = self._itm_candidates(image_embeds, text_embeds, text_mask, image_feat, text_feat, image_ids)
         cand_image_embeds, cand_text_embeds, cand_text_mask, cand_image_feat, cand_text_feat, cand_ids, offset = cand
 
-        # Hard negatives drawn from the ITC similarities; this rank keeps the draws for its own rows.
+        # Hard negatives drawn from the ITC similarities, k per image and per caption; this rank keeps the draws
+        # for its own rows.
+        k = self.cfg.itm_hard_negatives
         with torch.no_grad():
             sim_i2t = cand_image_feat.float() @ cand_text_feat.float().t() / temperature  # (B_cand, B_cand)
-            neg_text, neg_image = sample_hard_negatives(sim_i2t, cand_ids)
-            neg_text, neg_image = neg_text[offset : offset + batch_size], neg_image[offset : offset + batch_size]
+            neg_text, neg_image = sample_hard_negatives(sim_i2t, cand_ids, num_negatives=k)
+            neg_text = neg_text.view(-1, k)[offset : offset + batch_size]  # (B, k)
+            neg_image = neg_image.view(-1, k)[offset : offset + batch_size]  # (B, k)
         has_neg_text, has_neg_image = neg_text >= 0, neg_image >= 0
 
         # One fusion pass over B positives, then (image, hard text) and (hard image, text) negatives.
         local = torch.arange(offset, offset + batch_size, device=neg_text.device)
-        image_index = torch.cat([local, local[has_neg_text], neg_image[has_neg_image]])  # (P,)
-        text_index = torch.cat([local, neg_text[has_neg_text], local[has_neg_image]])  # (P,)
+        local_k = local[:, None].expand(-1, k)  # (B, k)
+        image_index = torch.cat([local, local_k[has_neg_text], neg_image[has_neg_image]])  # (P,)
+        text_index = torch.cat([local, neg_text[has_neg_text], local_k[has_neg_image]])  # (P,)
         logits = self._itm_pair_logits(cand_image_embeds, cand_text_embeds, cand_text_mask, image_index, text_index)
 
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
