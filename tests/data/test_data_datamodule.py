@@ -106,7 +106,7 @@ def test_lightning_fit_and_mid_epoch_resume(build_dm, tmp_path):
     for epoch in range(2):
         assert sorted(i for e, i in full.seen if e == epoch) == list(range(12))
     assert torch.load(ckpt, weights_only=False)["VLPDataModule"]["sampler"] == {
-        "epoch": 1, "start": 8, "num_samples": 12, "seed": 0
+        "epoch": 1, "start": 8, "num_samples": 12, "seed": 0, "group_size": 1
     }  # fmt: skip
 
     # Resumed run continues with the samples the first run trained on after the checkpoint.
