@@ -89,7 +89,7 @@ def test_sampler_never_returns_a_positive():
         size = 2 + trial % 15
         ids = torch.randint(0, max(2, size // 2), (size,), generator=gen)
         sim = torch.randn(size, size, generator=gen) * 5
-        neg_text, neg_image = sample_hard_negatives(sim, ids, generator=gen)
+        neg_text, neg_image = (neg[:, 0] for neg in sample_hard_negatives(sim, ids, generator=gen))
         for neg in (neg_text, neg_image):
             has = neg >= 0
             assert (ids[has] != ids[neg[has]]).all()
@@ -106,8 +106,8 @@ def test_sampler_follows_softmax_over_valid_negatives():
     counts_image = torch.zeros(4, 4)
     big_sim, big_ids = sim.repeat(1, 1), ids
     for _ in range(draws // 100):
-        batch_text = torch.stack([sample_hard_negatives(big_sim, big_ids, generator=gen)[0] for _ in range(100)])
-        batch_image = torch.stack([sample_hard_negatives(big_sim, big_ids, generator=gen)[1] for _ in range(100)])
+        batch_text = torch.stack([sample_hard_negatives(big_sim, big_ids, generator=gen)[0][:, 0] for _ in range(100)])
+        batch_image = torch.stack([sample_hard_negatives(big_sim, big_ids, generator=gen)[1][:, 0] for _ in range(100)])
         counts_text += F.one_hot(batch_text, 4).sum(0).float()
         counts_image += F.one_hot(batch_image, 4).sum(0).float()
     invalid = ids[:, None] == ids[None, :]
@@ -121,13 +121,14 @@ def test_sampler_follows_softmax_over_valid_negatives():
 def test_sampler_rows_without_negatives_give_minus_one(ids):
     sim = torch.randn(len(ids), len(ids))
     neg_text, neg_image = sample_hard_negatives(sim, ids)
+    assert neg_text.shape == neg_image.shape == (len(ids), 1)
     assert (neg_text == -1).all() and (neg_image == -1).all()
 
 
 def test_sampler_survives_non_finite_similarities():
     sim = torch.tensor([[float("nan"), 1.0], [float("inf"), 0.0]])
     neg_text, neg_image = sample_hard_negatives(sim)
-    assert neg_text.tolist() == [1, 0] and neg_image.tolist() == [1, 0]
+    assert neg_text.tolist() == [[1], [0]] and neg_image.tolist() == [[1], [0]]
 
 
 def test_several_negatives_are_distinct_valid_and_padded_with_minus_one():

@@ -40,7 +40,7 @@ def test_forward_backward_reaches_every_trainable_parameter(model):
     assert missing == []
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.split(".")[0].endswith("_m"))
     model.zero_grad()
-    model._pending.clear()
+    model.drop_pending()
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -53,7 +53,7 @@ def test_temperature_is_clamped_in_every_mode(model, mode, value, clamped):
     assert out["temperature"].item() == pytest.approx(clamped)
     assert model.temp.item() == pytest.approx(clamped)
     model.temp.data.fill_(0.07)
-    model._pending.clear()
+    model.drop_pending()
 
 
 @pytest.mark.parametrize("ids", [(5,), (3, 3, 3, 3)])
@@ -64,7 +64,7 @@ def test_batches_without_negatives_are_finite_and_counted(model, ids):
     assert all(torch.isfinite(v).all() for v in out.values())
     assert out["itm_invalid_rows"].item() == 2 * len(ids)
     model.zero_grad()
-    model._pending.clear()
+    model.drop_pending()
 
 
 def test_several_hard_negatives_per_row_score_one_positive_and_k_negatives_each_way():

@@ -152,7 +152,7 @@ def test_logged_losses_are_the_model_outputs(compose, tiny):
     batch = _batches(module, 1)[0]
     module.model.train()
     expected = module.model(batch, alpha=0.0)
-    module.model._pending.clear()
+    module.model.drop_pending()
 
     recorder = _fit(module, [batch])
     logged = recorder.metrics[0]

@@ -39,8 +39,8 @@ def sample_hard_negatives(
         num_negatives: draws per row (ALBEF: 1).
 
     Returns:
-        ``(neg_text_for_image, neg_image_for_text)``, long tensors of shape (B,) for one negative per row, else
-        (B, num_negatives); -1 where no negative exists.
+        ``(neg_text_for_image, neg_image_for_text)``, long tensors of shape (B, num_negatives); -1 where no
+        negative exists.
     """
     if sim_i2t.dim() != 2 or sim_i2t.shape[0] != sim_i2t.shape[1]:
         raise ValueError(f"sim_i2t must be a square (B, B) matrix, got shape {tuple(sim_i2t.shape)}")
@@ -61,8 +61,6 @@ def sample_hard_negatives(
         missing = torch.full((batch_size, num_negatives - k), -1, dtype=torch.long, device=sim_i2t.device)
         neg_text_for_image = torch.cat([neg_text_for_image, missing], dim=1)  # (B, num_negatives)
         neg_image_for_text = torch.cat([neg_image_for_text, missing], dim=1)  # (B, num_negatives)
-    if num_negatives == 1:
-        return neg_text_for_image[:, 0], neg_image_for_text[:, 0]  # (B,)
     return neg_text_for_image, neg_image_for_text
 
 

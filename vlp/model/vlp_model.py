@@ -221,9 +221,8 @@ class VLPModel(nn.Module):
         k = self.cfg.itm_hard_negatives
         with torch.no_grad():
             sim_i2t = cand_image_feat.float() @ cand_text_feat.float().t() / temperature  # (B_cand, B_cand)
-            neg_text, neg_image = sample_hard_negatives(sim_i2t, cand_ids, num_negatives=k)
-            neg_text = neg_text.view(-1, k)[offset : offset + batch_size]  # (B, k)
-            neg_image = neg_image.view(-1, k)[offset : offset + batch_size]  # (B, k)
+            neg_text, neg_image = sample_hard_negatives(sim_i2t, cand_ids, num_negatives=k)  # (B_cand, k) each
+            neg_text, neg_image = neg_text[offset : offset + batch_size], neg_image[offset : offset + batch_size]
         has_neg_text, has_neg_image = neg_text >= 0, neg_image >= 0
 
         # One fusion pass over B positives, then (image, hard text) and (hard image, text) negatives.
@@ -271,6 +270,15 @@ class VLPModel(nn.Module):
             for pending in self._pending:
                 self.queue.enqueue(*pending)
         self._pending.clear()
+
+    @property
+    def num_pending(self) -> int:
+        """Micro-batches whose momentum features wait for the next optimizer step to enter the queue."""
+        return len(self._pending)
+
+    def drop_pending(self, keep: int = 0) -> None:
+        """Forget the pending momentum features after the first ``keep`` micro-batches (a step that is skipped)."""
+        del self._pending[keep:]
 
     # ----- export ---------------------------------------------------------------------------------------------
 

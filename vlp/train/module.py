@@ -109,7 +109,7 @@ class VLPLightningModule(L.LightningModule):
         if all_reduce_sum(local_bad.float().to(self.device)).item() == 0:
             return
         optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
-        self.model._pending.clear()
+        self.model.drop_pending()
         self._stepped_in_window = False
         self.nonfinite_steps += 1
         log.warning("non-finite gradients at step %d: step skipped (%d so far)", self.global_step, self.nonfinite_steps)
@@ -142,7 +142,7 @@ class VLPLightningModule(L.LightningModule):
             )
             return None
 
-        pending = len(self.model._pending)
+        pending = self.model.num_pending
         out = self.model(batch, alpha=self.alpha())
 
         # One all-reduce gives both the skip decision and the world means of the logged terms.
@@ -155,8 +155,7 @@ class VLPLightningModule(L.LightningModule):
 
     def _skip_step(self, out: dict[str, torch.Tensor], pending: int) -> None:
         # The momentum features of this micro-batch may be non-finite too; they must never enter the queue.
-        # TODO: use a public VLPModel method to drop pending features once the model offers one.
-        del self.model._pending[pending:]
+        self.model.drop_pending(keep=pending)
         self.nonfinite_steps += 1
         log.warning(
             "non-finite loss at step %d (local itc_loss=%s, itm_loss=%s): step skipped on every rank (%d so far)",
