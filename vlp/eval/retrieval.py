@@ -115,7 +115,7 @@ class RetrievalEvaluator:
         self.cfg = cfg or RetrievalConfig()
         self.cfg.validate()
         self.rerank = rerank
-        if rerank and not hasattr(model, "fusion"):
+        if rerank and not hasattr(model, "itm_head"):
             raise ValueError("re-ranking needs the ITM head, but the model was built with model.itm=false")
         self.device = next(model.parameters()).device
         self.reset()

@@ -54,6 +54,8 @@ class ModelConfig:
     itm: bool = True
     itm_negatives: str = "local"  # "local" (this rank's batch) or "world" (all ranks, gradient to the producer)
     itm_hard_negatives: int = 1  # hard negatives drawn per image and per caption (ALBEF, BLIP: 1)
+    mlm: bool = False  # image-conditioned masked language modelling through the fusion encoder (ALBEF)
+    mlm_probability: float = 0.15  # chance that a word token is chosen for MLM (BERT, ALBEF: 0.15)
     momentum: bool = True
     momentum_decay: float = 0.995
     queue_size: int = 65536  # 0: no queue
@@ -76,6 +78,12 @@ class ModelConfig:
             (0.0 <= self.alpha <= 1.0, "model.alpha must lie in [0, 1]"),
             (0.0 <= self.momentum_decay < 1.0, "model.momentum_decay must lie in [0, 1)"),
             (self.fusion.num_layers >= 1 or not self.itm, "model.fusion.num_layers must be >= 1 when model.itm=true"),
+            (self.fusion.num_layers >= 1 or not self.mlm, "model.fusion.num_layers must be >= 1 when model.mlm=true"),
+            (0.0 < self.mlm_probability < 1.0, "model.mlm_probability must lie in (0, 1)"),
+            (
+                not (self.mlm and self.text_encoder.cache_outputs),
+                "model.mlm=true re-encodes masked captions: set model.text_encoder.cache_outputs=false",
+            ),
             (self.text_encoder.pooling in ("cls", "mean"), "model.text_encoder.pooling must be 'cls' or 'mean'"),
             (self.image_encoder.image_size > 0, "model.image_encoder.image_size must be positive"),
             (

@@ -1,4 +1,5 @@
-"""The ALBEF/BLIP-style model: two towers, a fusion encoder, ITC with momentum and queue, ITM with hard negatives."""
+"""The ALBEF/BLIP-style model: two towers, a fusion encoder, ITC with momentum and queue, ITM with hard negatives
+and optionally image-conditioned MLM."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from vlp.dist import all_gather_nograd, all_gather_with_grad, rank_offset
-from vlp.losses import contrastive_loss, itc_loss, itm_loss, positive_targets, sample_hard_negatives
+from vlp.losses import (
+    IGNORE_INDEX,
+    contrastive_loss,
+    itc_loss,
+    itm_loss,
+    mask_tokens,
+    mlm_loss,
+    positive_targets,
+    sample_hard_negatives,
+)
 from vlp.model.config import ModelConfig
 from vlp.model.encoders import ImageEncoder, TextEncoder
 from vlp.model.fusion import FusionEncoder, GroupedKeyValues, KeyValue, group_kv, image_major_order
@@ -24,8 +34,21 @@ MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("text_encoder", "text
 MOMENTUM_PAIRS += (("vision_proj", "vision_proj_m"), ("text_proj", "text_proj_m"))
 
 
+class MaskedTokenHead(nn.Module):
+    """BERT's prediction head over fused text tokens: dense, GELU, LayerNorm, then vocabulary logits."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=1e-12))
+        self.decoder = nn.Linear(dim, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(tokens))  # (M, D) -> (M, V)
+
+
 class VLPModel(nn.Module):
-    """Image tower + text tower + fusion encoder, trained with ITC and ITM.
+    """Image tower + text tower + fusion encoder, trained with ITC and ITM (and MLM with ``model.mlm``).
 
     ``forward(batch)`` returns the losses and training metrics. For users' own code: ``encode_image``,
     ``encode_text``, ``itm_logits`` and ``itm_score``; ``vlp.export`` saves and ``from_pretrained`` loads.
@@ -41,9 +64,12 @@ class VLPModel(nn.Module):
         self.visual_encoder = ImageEncoder(cfg.image_encoder, load_weights=load_weights)
         self.text_encoder = TextEncoder(cfg.text_encoder, vocab_size=len(self.tokenizer), load_weights=load_weights)
         top_layers = self.text_encoder.pop_top_layers()
-        if cfg.itm:
+        if cfg.itm or cfg.mlm:
             self.fusion = self._build_fusion(top_layers)
+        if cfg.itm:
             self.itm_head = nn.Linear(self.text_encoder.width, 2)
+        if cfg.mlm:
+            self._init_mlm()
 
         # Shared embedding space and the learnable temperature.
         self.vision_proj = nn.Linear(self.visual_encoder.width, cfg.embed_dim)
@@ -56,6 +82,14 @@ class VLPModel(nn.Module):
                 setattr(self, momentum, copy.deepcopy(getattr(self, online)).requires_grad_(False))
         self.queue = FeatureQueue(cfg.queue_size, cfg.embed_dim) if cfg.queue_size > 0 else None
         self._pending: list[tuple[torch.Tensor, ...]] = []
+
+    def _init_mlm(self) -> None:
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError("model.mlm=true needs a tokenizer with a mask token; this one has none")
+        self.mlm_head = MaskedTokenHead(self.text_encoder.width, len(self.tokenizer))
+        # Padding, [CLS], [SEP], [MASK] and other special tokens are never chosen (a buffer: follows the device).
+        special = torch.tensor(sorted(self.tokenizer.all_special_ids), dtype=torch.long)
+        self.register_buffer("special_ids", special, persistent=False)
 
     def _build_fusion(self, top_layers: list[nn.Module]) -> FusionEncoder:
         fusion_cfg = self.cfg.fusion
@@ -151,6 +185,9 @@ class VLPModel(nn.Module):
             itm_inputs = (image_embeds, text_embeds, batch["attention_mask"], image_feat, text_feat, image_ids)
             out.update(self._itm(*itm_inputs, temperature))
             loss = loss + out["itm_loss"]
+        if self.cfg.mlm:
+            out.update(self._mlm(batch["input_ids"], batch["attention_mask"], image_embeds))
+            loss = loss + out["mlm_loss"]
         out["loss"] = loss
         return out
 
@@ -255,6 +292,26 @@ class VLPModel(nn.Module):
 
         # Back to the caller's pair order.
         return logits[order.argsort()]  # (P, 2)
+
+    def _mlm(self, input_ids, text_mask, image_embeds) -> dict[str, torch.Tensor]:
+        """Masked tokens predicted from the fused text: the masked caption is re-encoded and attends to the image.
+
+        Unlike ALBEF, the targets are the true tokens only (no soft targets from the momentum model).
+        """
+        # Corrupt the word tokens, encode the corrupted caption, fuse it with the image.
+        maskable = text_mask.bool() & ~torch.isin(input_ids, self.special_ids)  # (B, L)
+        masked_ids, labels = mask_tokens(
+            input_ids, maskable, self.tokenizer.mask_token_id, self.mlm_head.vocab_size, self.cfg.mlm_probability
+        )
+        masked_embeds, _ = self.text_encoder(masked_ids, text_mask)
+        fused = self.fusion(masked_embeds, text_mask, image_embeds)  # (B, L, D)
+
+        # Vocabulary logits for the chosen positions only.
+        chosen = labels != IGNORE_INDEX  # (B, L)
+        logits = self.mlm_head(fused[chosen])  # (M, V)
+        targets = labels[chosen]  # (M,)
+        accuracy = (logits.argmax(dim=1) == targets).float().sum() / max(targets.numel(), 1)
+        return {"mlm_loss": mlm_loss(logits, targets), "mlm_acc": accuracy}
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -52,6 +52,7 @@ class OptimConfig:
             "vision_proj.*",
             "text_proj.*",
             "itm_head.*",
+            "mlm_head.*",
         ]
     )
     # Parameters without weight decay besides every bias and norm weight (tensors of rank <= 1).

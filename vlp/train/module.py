@@ -27,7 +27,7 @@ from vlp.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-MEAN_OUTPUTS = ("loss", "itc_loss", "itm_loss", "itm_acc", "temperature")
+MEAN_OUTPUTS = ("loss", "itc_loss", "itm_loss", "itm_acc", "mlm_loss", "mlm_acc", "temperature")
 SUMMED_OUTPUTS = MEAN_OUTPUTS + ("itm_invalid_rows",)
 
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PANELS = (
-    ("loss", ("train/loss", "train/itc_loss", "train/itm_loss")),
+    ("loss", ("train/loss", "train/itc_loss", "train/itm_loss", "train/mlm_loss")),
     ("temperature", ("train/temperature",)),
     ("validation recall (mean R@1/5/10)", ("val/itc_r_mean", "val/r_mean")),  # r_mean: re-ranked points only
 )
