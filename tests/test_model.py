@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import tiny_model_config
@@ -288,3 +290,35 @@ def test_packed_fusion_matches_a_plain_padded_reference(model):
     valid = mask.bool()
     assert torch.allclose(packed[valid], reference[valid], atol=1e-5)
     assert packed[~valid].abs().max() == 0
+
+
+def test_sincos_position_embeddings_start_from_2d_codes_and_still_train():
+    config = tiny_model_config()
+    config.image_encoder.pos_embed_init = "sincos"
+    encoder = VLPModel(config).visual_encoder
+    pos_embed = encoder.model.pos_embed[0]  # (1 + 4*4, 32): the class token, then a 4 x 4 patch grid
+    width = pos_embed.shape[1]
+    assert pos_embed.requires_grad and pos_embed[0].abs().max() == 0
+    # Patch (0, 0) sits at coordinate 0 on both axes: every sine is 0 and every cosine 1.
+    assert sorted(pos_embed[1].tolist()) == [0.0] * (width // 2) + [1.0] * (width // 2)
+    # Each axis has width/4 frequencies 10000^(-i / (width/4)); the fastest is 1, so one step changes by sin(1).
+    assert torch.isclose(pos_embed[2], torch.tensor(math.sin(1.0))).any()
+    assert torch.isclose(pos_embed[1 + 4], torch.tensor(math.sin(1.0))).any()
+    assert not torch.equal(pos_embed[2], pos_embed[1 + 4])  # one patch right and one patch down differ
+    assert len({tuple(row.tolist()) for row in pos_embed[1:]}) == 16  # every patch has its own code
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(name="resnet18", timm_kwargs={}), "needs a ViT with learned position embeddings"),
+        (dict(pretrained=True), "would overwrite pretrained weights"),
+    ],
+)
+def test_sincos_position_embeddings_are_refused_where_they_cannot_apply(overrides, message):
+    config = tiny_model_config()
+    config.image_encoder = ImageEncoderConfig(
+        **{**config.image_encoder.__dict__, "pos_embed_init": "sincos", **overrides}
+    )
+    with pytest.raises(ValueError, match=message):
+        VLPModel(config)

@@ -17,6 +17,7 @@ class ImageEncoderConfig:
     freeze_layers: int = 0  # freeze the stem and this many lower block groups
     grad_checkpointing: bool = False
     cache_outputs: bool = False  # memoise a frozen tower's outputs (needs freeze=true, no random augmentation)
+    pos_embed_init: str = "timm"  # "timm" or "sincos": a random ViT's position embeddings start as 2-D sin-cos (MAE)
 
 
 @dataclass
@@ -86,6 +87,16 @@ class ModelConfig:
             ),
             (self.text_encoder.pooling in ("cls", "mean"), "model.text_encoder.pooling must be 'cls' or 'mean'"),
             (self.image_encoder.image_size > 0, "model.image_encoder.image_size must be positive"),
+            (
+                self.image_encoder.pos_embed_init in ("timm", "sincos"),
+                "model.image_encoder.pos_embed_init must be 'timm' or 'sincos'",
+            ),
+            (
+                self.image_encoder.pos_embed_init == "timm"
+                or not (self.image_encoder.pretrained or self.image_encoder.checkpoint),
+                "model.image_encoder.pos_embed_init=sincos would overwrite pretrained weights: use it with "
+                "pretrained=false and checkpoint=null",
+            ),
             (
                 self.image_encoder.freeze or not self.image_encoder.cache_outputs,
                 "model.image_encoder.cache_outputs=true needs model.image_encoder.freeze=true",

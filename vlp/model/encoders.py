@@ -7,6 +7,7 @@ import logging
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import build_sincos2d_pos_embed
 from transformers import AutoConfig, AutoModel, BertConfig
 
 from vlp.model.cache import TowerCache, digest
@@ -55,6 +56,8 @@ class ImageEncoder(Tower):
         self.width = self.model.num_features
         self.pretrained_cfg = dict(self.model.pretrained_cfg)
         self._check_patch_size(cfg)
+        if cfg.pos_embed_init == "sincos":
+            self._init_sincos_pos_embed()
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self._apply_freeze(cfg)
@@ -80,6 +83,25 @@ class ImageEncoder(Tower):
                 f"model.image_encoder.image_size={cfg.image_size} is not divisible by the patch size {patch[0]} "
                 f"of {cfg.name}; choose a multiple of {patch[0]}"
             )
+
+    @torch.no_grad()
+    def _init_sincos_pos_embed(self) -> None:
+        """Start the patch positions from fixed 2-D sin-cos codes (prefix tokens at zero), as MAE does.
+
+        A random ViT's learned position embeddings start near zero (std 0.02), so from scratch its tokens say
+        little about where they are; sin-cos codes make the layout visible from the first step (still trained).
+        """
+        pos_embed = getattr(self.model, "pos_embed", None)
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        if not isinstance(pos_embed, nn.Parameter) or grid is None:
+            raise ValueError(
+                f"model.image_encoder.pos_embed_init=sincos needs a ViT with learned position embeddings; "
+                f"{self.cfg.name} has none (use pos_embed_init=timm)"
+            )
+        num_patches, width = grid[0] * grid[1], pos_embed.shape[-1]
+        codes = build_sincos2d_pos_embed(list(grid), dim=width).to(pos_embed.dtype)  # (H*W, C)
+        pos_embed.zero_()
+        pos_embed[0, pos_embed.shape[1] - num_patches :] = codes  # prefix tokens (class) come first
 
     def block_groups(self) -> list[list[nn.Parameter]]:
         """Parameters from the stem upwards, one list per timm block group (used for freezing and lr decay)."""
