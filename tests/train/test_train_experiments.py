@@ -25,7 +25,11 @@ def _check_metrics(metrics: dict[str, float]) -> None:
 
 @pytest.mark.slow
 def test_demo_fast_dev_run(compose, tiny):
-    _check_metrics(train(compose(["experiment=demo", *FAST, *tiny()])))
+    metrics = train(compose(["experiment=demo", *FAST, *tiny()]))
+    _check_metrics(metrics)
+    # Synthetic data: the final model also takes the swap test, both heads, every attribute.
+    assert all(0.0 <= metrics[f"swap/{head}_mean"] <= 1.0 for head in ("itc", "itm"))
+    assert 0.0 <= metrics["swap/itm_relation"] <= 1.0
 
 
 @pytest.mark.slow

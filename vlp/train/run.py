@@ -6,6 +6,7 @@ an already validated :class:`TrainConfig`. Nothing is built before the whole con
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -15,6 +16,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from vlp.data.datamodule import VLPDataModule
+from vlp.data.synthetic import SyntheticScenes
+from vlp.dist import get_rank
+from vlp.eval.swaps import HEADS, format_swap_test, swap_test
 from vlp.train.builders import build_trainer, checkpoint_dir
 from vlp.train.checkpoint import resume_path, write_run_metadata
 from vlp.train.config import TrainConfig, load_config, to_plain_dict
@@ -58,8 +62,22 @@ def train(cfg: DictConfig | dict | TrainConfig) -> dict[str, float]:
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if root.test_at_end:
         metrics.update(test_best(trainer, module, datamodule, root, output_dir))
+    metrics.update(_synthetic_swap_test(module, datamodule, output_dir))
     _report(metrics, output_dir)
     return metrics
+
+
+def _synthetic_swap_test(module: VLPLightningModule, datamodule: VLPDataModule, output_dir: Path) -> dict[str, float]:
+    """On synthetic data, the final model's swap test on the validation scenes (``swap_test.json``, logged)."""
+    c = datamodule.cfg
+    if c.name != "synthetic" or not module.cfg.model.itm or get_rank() != 0:
+        return {}
+    scenes = SyntheticScenes(c.seed, "val", c.synthetic_eval_size, c.synthetic_image_size)
+    result = swap_test(module.model, scenes, datamodule.eval_transform)
+    (output_dir / "swap_test.json").write_text(json.dumps(result, indent=2))
+    log.info("swap test on the validation scenes (true caption above its one-attribute swap; chance 0.5):\n%s",
+             format_swap_test(result))  # fmt: skip
+    return {f"swap/{head}_{name}": values[head] for name, values in result.items() for head in HEADS}
 
 
 @rank_zero_only
