@@ -44,11 +44,12 @@ def naive_scores(model: VLPModel, ds: TinyRetrievalSet, score: str) -> dict[str,
         "itm": logits[..., 1],
         "itm_prob": logits.softmax(-1)[..., 1],
         "itm_plus_itc": logits[..., 1] + itc,
+        "itm_logp_plus_itc_logit": logits.log_softmax(-1)[..., 1] + itc / float(model.temperature()),
     }[score]
     return {"itc": itc.numpy(), "final": final.numpy()}
 
 
-@pytest.mark.parametrize("score", ["itm", "itm_plus_itc", "itm_prob"])
+@pytest.mark.parametrize("score", ["itm", "itm_plus_itc", "itm_prob", "itm_logp_plus_itc_logit"])
 def test_k_equal_n_matches_naive_full_itm(score):
     model, ds = setup()
     cfg = RetrievalConfig(k=10_000, score=score, rerank_batch_size=32, chunk_size=5)
@@ -192,3 +193,16 @@ def test_nan_itm_logits_raise():
         model.itm_head.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="ITM logits contain NaN"):
         run_retrieval(model, loader(ds), ds.texts, ds.txt2img, ds.img2txt, RetrievalConfig(k=2))
+
+
+def test_product_of_heads_score_is_the_itm_log_probability_plus_the_itc_logit():
+    # ITM logits (0, ln 3): match probability 3/4, log 0.75 = -0.2876821; cosine 0.5 at temperature 0.1: logit 5.
+    model, _ = setup()
+    original = model.temp.item()
+    model.temp.data.fill_(0.1)
+    evaluator = RetrievalEvaluator(model, RetrievalConfig(score="itm_logp_plus_itc_logit"))
+    logits = torch.tensor([[[0.0, math.log(3.0)], [2.0, 2.0]]])  # (Q=1, k=2, 2)
+    scores = evaluator._final_scores(logits, torch.tensor([[0.5, 0.2]]))
+    assert scores[0, 0].item() == pytest.approx(5.0 - 0.2876821, abs=1e-6)
+    assert scores[0, 1].item() == pytest.approx(2.0 + math.log(0.5), abs=1e-6)
+    model.temp.data.fill_(original)

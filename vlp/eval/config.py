@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-SCORES = ("itm", "itm_plus_itc", "itm_prob")
+SCORES = ("itm", "itm_plus_itc", "itm_prob", "itm_logp_plus_itc_logit")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 
 
@@ -14,7 +14,9 @@ class RetrievalConfig:
     """How retrieval is evaluated; every count is per process.
 
     ``score`` is the final re-ranking score of a pair: ``itm`` the ITM match logit (ALBEF), ``itm_plus_itc``
-    that logit plus the ITC cosine similarity (BLIP), ``itm_prob`` the ITM match probability.
+    that logit plus the ITC cosine similarity (BLIP), ``itm_prob`` the ITM match probability,
+    ``itm_logp_plus_itc_logit`` the ITM log-probability of a match plus the ITC logit (cosine / temperature): the
+    product of both heads' probabilities, where the cosine alone is too small to count next to a logit.
     """
 
     k: int = 128  # ITC candidates re-ranked per query, both directions (ALBEF/BLIP: 128 Flickr30k, 256 COCO)

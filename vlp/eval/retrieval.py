@@ -331,6 +331,9 @@ class RetrievalEvaluator:
             return logits[..., 1]
         if self.cfg.score == "itm_prob":
             return torch.sigmoid(logits[..., 1] - logits[..., 0])  # softmax over 2 classes, class 1
+        if self.cfg.score == "itm_logp_plus_itc_logit":
+            temperature = float(self.model.temperature())  # clamped, as in training
+            return logits.log_softmax(dim=-1)[..., 1] + itc_scores.double() / temperature
         return logits[..., 1] + itc_scores.double()
 
     def _rerank(self, images, itc_i2t, itc_t2i, input_ids, mask) -> tuple[TopK, TopK, dict[str, int]]:
