@@ -85,8 +85,9 @@ def test_resolution_change_resizes_position_embeddings_in_online_and_momentum_en
     assert cos > 0.9
 
 
-def test_export_round_trip_gives_identical_embeddings_and_itm_scores(tmp_path):
-    model = build().eval()
+@pytest.mark.parametrize("overrides", [{}, {"mlm": True}], ids=["itc_itm", "with_mlm"])
+def test_export_round_trip_gives_identical_embeddings_and_itm_scores(tmp_path, overrides):
+    model = build(**overrides).eval()
     vlp.export(model, tmp_path / "export")
     loaded = vlp.VLPModel.from_pretrained(tmp_path / "export")
     assert not hasattr(loaded, "visual_encoder_m") and loaded.queue is None
@@ -99,3 +100,5 @@ def test_export_round_trip_gives_identical_embeddings_and_itm_scores(tmp_path):
             assert torch.equal(a, b)
         assert torch.equal(model.itm_score(batch["image"], *args), loaded.itm_score(batch["image"], *args))
     assert loaded.tokenizer("a red circle").input_ids == model.tokenizer("a red circle").input_ids
+    if overrides.get("mlm"):
+        assert torch.equal(loaded.mlm_head.decoder.weight, model.mlm_head.decoder.weight)
