@@ -91,15 +91,6 @@ class TokenPacking:
         # Packed row of each caption's first token, whose position 0 is always valid ([CLS]).
         lengths = mask.sum(dim=1)
         self.first_rows = torch.cumsum(lengths, 0) - lengths  # (B,)
-        self.num_tokens = int(lengths.sum()) if self.index is not None else self.batch * self.length
-        self._row_col: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def row_col(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Caption row (T,) and position (T,) of every packed token."""
-        if self._row_col is None:
-            index = torch.arange(self.num_tokens, device=self.first_rows.device) if self.index is None else self.index
-            self._row_col = index // self.length, index % self.length
-        return self._row_col
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.index is None:
@@ -111,14 +102,6 @@ class TokenPacking:
             return x.view(self.batch, self.length, -1)  # (B*L, D) -> (B, L, D)
         out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)  # (B*L, D)
         return out.view(self.batch, self.length, -1)  # (B*L, D) -> (B, L, D)
-
-    def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention output (B, H, L, d) -> packed tokens (T, H*d): one gather, no head-merge copy before it."""
-        tokens = x.transpose(1, 2)  # (B, H, L, d) -> (B, L, H, d), a view
-        if self.index is None:
-            return tokens.reshape(self.batch * self.length, -1)  # (B, L, H, d) -> (B*L, H*d)
-        rows, cols = self.row_col()
-        return tokens[rows, cols].flatten(1)  # (T, H, d) -> (T, H*d)
 
     def first_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenPacking]:
         """Each caption's first token (B, D) of packed ``x``, and the packing of a batch of one token each."""
@@ -143,62 +126,32 @@ class Attention(nn.Module):
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)  # (B, H, L, d)
 
-    def key_value(self, context: torch.Tensor) -> torch.Tensor:
-        """Keys and values of ``context`` (..., C) in one matrix product, (..., 2D): keys first."""
-        weight = torch.cat([self.key.weight, self.value.weight])  # (2D, C)
-        return F.linear(context, weight, torch.cat([self.key.bias, self.value.bias]))
-
-    def split_kv(self, key_value: torch.Tensor) -> KeyValue:
-        """(B, N, 2D) from :meth:`key_value` -> keys and values, each (B, H, N, d) (views, no copy)."""
-        key, value = key_value.chunk(2, dim=-1)  # (B, N, 2D) -> 2 x (B, N, D)
-        return self._split_heads(key), self._split_heads(value)
-
     def project_kv(self, context: torch.Tensor) -> KeyValue:
         """Keys and values of ``context`` (B, N, C), each (B, H, N, d)."""
-        return self.split_kv(self.key_value(context))
+        return self._split_heads(self.key(context)), self._split_heads(self.value(context))
 
-    def attend(
-        self,
-        query: torch.Tensor,
-        kv: KeyValue | GroupedKeyValues,
-        packing: TokenPacking,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Attention of projected queries (B, L, D) to keys/values; packed (T, D), before the output projection."""
+    def attend(self, query: torch.Tensor, kv: KeyValue | GroupedKeyValues, mask: torch.Tensor | None = None):
+        """Attention of projected queries (B, L, D) to keys/values; (B, L, D), before the output projection."""
         if isinstance(kv, GroupedKeyValues):
-            return self._attend_grouped(query, kv, packing)
+            return self._attend_grouped(query, kv)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(self._split_heads(query), *kv, attn_mask=mask, dropout_p=dropout)
-        return packing.pack_heads(out)  # (B, H, L, d) -> (T, D)
+        return out.transpose(1, 2).flatten(2)  # (B, H, L, d) -> (B, L, H*d)
 
-    def _attend_grouped(self, query: torch.Tensor, kv: GroupedKeyValues, packing: TokenPacking) -> torch.Tensor:
-        """Unmasked attention of query rows (B, L, D) sorted by image to their image's keys/values; packed (T, D)."""
+    def _attend_grouped(self, query: torch.Tensor, kv: GroupedKeyValues) -> torch.Tensor:
+        """Unmasked attention of query rows (B, L, D) sorted by image to their image's keys/values, (B, L, D)."""
         if kv.rows != query.shape[0]:
             raise ValueError(f"grouped keys/values cover {kv.rows} rows, the batch has {query.shape[0]}")
         dropout = self.dropout if self.training else 0.0
         _, length, dim = query.shape
-        rows, cols = packing.row_col()
         outs = []
         for row0, row1, image0, image1 in kv.runs:
             # The run's rows fold into its images' query length: a view, as the rows are contiguous.
-            images, per_image = image1 - image0, (row1 - row0) // (image1 - image0)
-            folded = query[row0:row1].reshape(images, -1, dim)  # (G*r, L, D) -> (G, r*L, D)
+            folded = query[row0:row1].reshape(image1 - image0, -1, dim)  # (G*r, L, D) -> (G, r*L, D)
             key, value = kv.key[image0:image1], kv.value[image0:image1]  # (G, H, N, d)
             out = F.scaled_dot_product_attention(self._split_heads(folded), key, value, dropout_p=dropout)
-
-            # The run's packed tokens are consecutive; gather them straight from the (G, H, r*L, d) output.
-            token0, token1 = _token_range(packing, row0, row1)
-            run_rows = rows[token0:token1] - row0  # (T_run,)
-            tokens = out.view(images, self.num_heads, per_image, length, -1).permute(0, 2, 3, 1, 4)  # (G, r, L, H, d)
-            outs.append(tokens[run_rows // per_image, run_rows % per_image, cols[token0:token1]].flatten(1))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]  # (T, D)
-
-
-def _token_range(packing: TokenPacking, row0: int, row1: int) -> tuple[int, int]:
-    """Packed positions [first, last) of the tokens of caption rows [row0, row1)."""
-    first = int(packing.first_rows[row0]) if row0 < packing.batch else packing.num_tokens
-    last = int(packing.first_rows[row1]) if row1 < packing.batch else packing.num_tokens
-    return first, last
+            outs.append(out.transpose(1, 2).reshape(row1 - row0, length, dim))  # (G, H, r*L, d) -> (G*r, L, D)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class FusionBlock(nn.Module):
@@ -243,15 +196,15 @@ class FusionBlock(nn.Module):
     def _attend_text(self, x, packing: TokenPacking, key_mask: torch.Tensor, first_token_only: bool):
         # Every text token is a key; with first_token_only only the first token is a query (exact for ITM).
         attn = self.self_attn
-        kv = attn.split_kv(packing.unpack(attn.key_value(x)))  # (T, 2D) -> (B, L, 2D) -> 2 x (B, H, L, d)
+        kv = attn._split_heads(packing.unpack(attn.key(x))), attn._split_heads(packing.unpack(attn.value(x)))
         if first_token_only:
             x, packing = packing.first_tokens(x)  # (T, D) -> (B, D)
-        out = attn.attend(packing.unpack(attn.query(x)), kv, packing, key_mask)  # (T, D)
+        out = packing.pack(attn.attend(packing.unpack(attn.query(x)), kv, key_mask))  # (T, D)
         return self.norm1(x + self.drop(attn.out(out))), packing
 
     def _attend_image(self, x: torch.Tensor, packing: TokenPacking, image_kv) -> torch.Tensor:
         attn = self.cross_attn
-        out = attn.attend(packing.unpack(attn.query(x)), image_kv, packing)  # (T, D)
+        out = packing.pack(attn.attend(packing.unpack(attn.query(x)), image_kv))  # (T, D)
         x = self.norm2(x + self.drop(attn.out(out)))
         return self.norm3(x + self.drop(self.mlp(x)))
 
