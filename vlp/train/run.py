@@ -68,15 +68,20 @@ def train(cfg: DictConfig | dict | TrainConfig) -> dict[str, float]:
 
 
 def _synthetic_swap_test(module: VLPLightningModule, datamodule: VLPDataModule, output_dir: Path) -> dict[str, float]:
-    """On synthetic data, the final model's swap test on the validation scenes (``swap_test.json``, logged)."""
+    """On synthetic data, the final model's swap test on the validation scenes (``swap_test.json``, logged).
+
+    Every rank computes it (a sharded model gathers its weights in forward, with every rank taking part); rank 0
+    writes and logs it.
+    """
     c = datamodule.cfg
-    if c.name != "synthetic" or not module.cfg.model.itm or get_rank() != 0:
+    if c.name != "synthetic" or not module.cfg.model.itm:
         return {}
     scenes = SyntheticScenes(c.seed, "val", c.synthetic_eval_size, c.synthetic_image_size)
     result = swap_test(module.model, scenes, datamodule.eval_transform)
-    (output_dir / "swap_test.json").write_text(json.dumps(result, indent=2))
-    log.info("swap test on the validation scenes (true caption above its one-attribute swap; chance 0.5):\n%s",
-             format_swap_test(result))  # fmt: skip
+    if get_rank() == 0:
+        (output_dir / "swap_test.json").write_text(json.dumps(result, indent=2))
+        log.info("swap test on the validation scenes (true caption above its one-attribute swap; chance 0.5):\n%s",
+                 format_swap_test(result))  # fmt: skip
     return {f"swap/{head}_{name}": values[head] for name, values in result.items() for head in HEADS}
 
 
